@@ -1,0 +1,33 @@
+"""The end-to-end Prefect flow `qa-pipeline`: prepare -> featurize -> train -> evaluate -> register."""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from flows.stages import prepare_data
+from spanflow.config import load_config
+from tasks.evaluate import evaluate_task
+from tasks.featurize import featurize_task
+from tasks.register import register_task
+from tasks.report import report_task
+from tasks.train import train_task
+
+
+@flow(name="qa-pipeline", log_prints=True)
+def qa_pipeline(params: str = "params.yaml", overrides: list[str] | None = None, resume: bool = False) -> dict:
+    cfg = load_config(params, overrides)
+    prepare_data(cfg)
+    featurize_task(cfg)
+    trained = train_task(cfg, resume)
+    metrics = evaluate_task(cfg)
+    registered = register_task(cfg)
+    links = {
+        "MLflow run": f"`{trained['run_id']}` (`mlflow ui --backend-store-uri {cfg.tracking_uri}`)",
+        "Prefect flow run": f"`{flow_run.name}` ({flow_run.id})",
+    }
+    table = report_task(cfg, metrics, registered, links)
+    create_markdown_artifact(markdown=table, key="qa-results", description="spanflow qa-pipeline results")
+    return {"metrics": metrics, "registered": registered, "run_id": trained["run_id"],
+            "flow_run_id": str(flow_run.id), "report": table}

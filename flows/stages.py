@@ -1,0 +1,55 @@
+"""One Prefect flow per pipeline stage. DVC stages run these (`spanflow stage NAME`); the
+end-to-end `qa-pipeline` flow composes the same tasks, so there is one implementation."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from spanflow.config import Config, load_config
+from tasks.evaluate import evaluate_task
+from tasks.featurize import featurize_task
+from tasks.prepare import ingest_task, split_task, validate_task, version_task
+from tasks.register import register_task
+from tasks.train import train_task
+
+
+def prepare_data(cfg: Config) -> dict:
+    """ingest -> validate -> version -> split, for the training and the dev data."""
+    d = cfg.data
+    train = validate_task(ingest_task(d.train, d.train_split, d.hub_config, d.train_limit))
+    dev = validate_task(ingest_task(d.dev, d.dev_split, d.hub_config, d.dev_limit))
+    return split_task(train, dev, d, version_task(train, dev))
+
+
+@flow(name="qa-prepare")
+def prepare_flow(params: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+    return prepare_data(load_config(params, overrides))
+
+
+@flow(name="qa-featurize")
+def featurize_flow(params: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+    return featurize_task(load_config(params, overrides))
+
+
+@flow(name="qa-train")
+def train_flow(params: str = "params.yaml", overrides: list[str] | None = None, resume: bool = False) -> dict:
+    return train_task(load_config(params, overrides), resume)
+
+
+@flow(name="qa-evaluate")
+def evaluate_flow(params: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+    return evaluate_task(load_config(params, overrides))
+
+
+@flow(name="qa-register")
+def register_flow(params: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+    return register_task(load_config(params, overrides))
+
+
+STAGE_FLOWS = {
+    "prepare": prepare_flow,
+    "featurize": featurize_flow,
+    "train": train_flow,
+    "evaluate": evaluate_flow,
+    "register": register_flow,
+}

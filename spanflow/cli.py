@@ -1,0 +1,65 @@
+"""`spanflow run | train | evaluate | stage NAME`, each with --params FILE and repeatable --set key=value."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from spanflow.config import ConfigError, load_config
+
+STAGES = ("prepare", "featurize", "train", "evaluate", "register")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a dotted key; the value is parsed as YAML (repeatable), e.g. --set train.epochs=1",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spanflow", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _common(sub.add_parser("run", help="the whole qa-pipeline flow: prepare, featurize, train, evaluate, register"))
+    p = sub.add_parser("train", help="prepare, featurize and train (the train stage resumes with --resume)")
+    _common(p)
+    p.add_argument("--resume", action="store_true", help="continue a killed run from its last epoch checkpoint")
+    _common(sub.add_parser("evaluate", help="score the trained model on the dev set"))
+    p = sub.add_parser("stage", help="one pipeline stage as its own Prefect flow (what dvc.yaml runs)")
+    p.add_argument("name", choices=STAGES)
+    _common(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        load_config(args.params, args.overrides)  # fail fast, before Prefect starts
+    except ConfigError as exc:
+        print(f"spanflow: error: {exc}", file=sys.stderr)
+        return 2
+
+    from flows.pipeline import qa_pipeline
+    from flows.stages import STAGE_FLOWS, evaluate_flow, featurize_flow, prepare_flow, train_flow
+    from tasks.data import DataValidationError
+
+    try:
+        if args.command == "run":
+            print(qa_pipeline(args.params, args.overrides)["report"])
+        elif args.command == "train":
+            prepare_flow(args.params, args.overrides)
+            featurize_flow(args.params, args.overrides)
+            train_flow(args.params, args.overrides, resume=args.resume)
+        elif args.command == "evaluate":
+            evaluate_flow(args.params, args.overrides)
+        else:
+            STAGE_FLOWS[args.name](args.params, args.overrides)
+    except (ConfigError, DataValidationError, FileNotFoundError, ValueError) as exc:
+        print(f"spanflow: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""params.yaml parsed once into typed, validated objects; `--set dotted.key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """A params file or override that cannot be used; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    train: str = "data/squad/train-v1.1-head.json"  # local SQuAD JSON or a Hugging Face dataset name
+    train_split: str = "train"  # split name when `train` is a dataset name
+    dev: str = "data/squad/dev-v1.1-head.json"
+    dev_split: str = "validation"
+    hub_config: str | None = None  # dataset config name for the Hub, if any
+    val_fraction: float = 0.1  # share of training articles held out for validation
+    train_limit: int | None = None  # first N training questions (None = all)
+    dev_limit: int | None = None  # first N dev questions (None = all)
+    seed: int = 42
+    leaderboard_dir: str = "data/leaderboard"
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "default"  # "default" = packaged all-MiniLM-L6-v2; else Hub id or local path
+    revision: str | None = None
+
+
+@dataclass
+class FeaturesConfig:
+    chunk_length: int = 256  # tokens per chunk, question included
+    overlap: int = 64  # context tokens shared by consecutive chunks
+    max_query_length: int = 64
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.1
+    target_modules: list[str] = field(default_factory=lambda: ["query", "key", "value", "dense"])
+
+
+@dataclass
+class MethodConfig:
+    name: str = "lora"  # lora | full
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 2
+    batch_size: int = 16
+    grad_accum_steps: int = 1
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    early_stopping_patience: int = 1  # epochs without a lower validation loss before stopping
+    max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
+    group_by_length: bool = True  # batch features of similar length (less padding)
+    seed: int = 42
+    num_threads: int | None = None  # torch intra-op threads (None = torch default)
+
+
+@dataclass
+class EvalConfig:
+    max_answer_length: int = 30  # tokens
+    n_best: int = 20
+    batch_size: int = 64
+    no_answer_threshold: float = 0.0  # v2.0: predict "" when null score - best span score > this
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str = "sqlite:///mlflow.db"  # MLFLOW_TRACKING_URI wins when set
+    artifact_root: str = "mlruns"
+    experiment: str = "spanflow-qa"
+
+
+@dataclass
+class RegistryConfig:
+    model_name: str = "spanflow-qa"
+    alias: str = "challenger"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, for MLflow params."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, obj: Any) -> None:
+            if isinstance(obj, dict):
+                for k, v in obj.items():
+                    walk(f"{prefix}{k}.", v)
+            else:
+                out[prefix[:-1]] = obj
+
+        walk("", self.to_dict())
+        return out
+
+    @property
+    def tracking_uri(self) -> str:
+        return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking.tracking_uri
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Check `value` against the annotated type; ints are accepted where floats are expected."""
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(typ, value, key)
+    if isinstance(typ, types.UnionType):  # X | None
+        if value is None:
+            return None
+        typ = next(t for t in get_args(typ) if t is not type(None))
+    if get_origin(typ) is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+        return list(value)
+    if typ is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if typ is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) and typ is not bool or not isinstance(value, typ):
+        raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _apply_override(raw: dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r}: expected dotted.key=value")
+    key, text = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: value {text!r} is not valid YAML ({exc})") from exc
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def _validate(cfg: Config) -> None:
+    f = cfg.features
+    if f.chunk_length < 16:
+        raise ConfigError(f"features.chunk_length: {f.chunk_length} is too small (>= 16)")
+    if not 0 <= f.overlap < f.chunk_length - f.max_query_length - 3:
+        raise ConfigError(
+            f"features.overlap: {f.overlap} must be >= 0 and leave room for context in a chunk of "
+            f"{f.chunk_length} tokens with a question of up to {f.max_query_length} tokens"
+        )
+    if cfg.method.name not in {"lora", "full"}:
+        raise ConfigError(f"method.name: unknown method {cfg.method.name!r} (lora, full)")
+    if cfg.train.precision not in {"auto", "fp32", "bf16", "fp16"}:
+        raise ConfigError(f"train.precision: {cfg.train.precision!r} is not auto|fp32|bf16|fp16")
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction: {cfg.data.val_fraction} must be in [0, 1)")
+    for key in ("epochs", "batch_size", "grad_accum_steps"):
+        if getattr(cfg.train, key) < 1:
+            raise ConfigError(f"train.{key}: must be >= 1")
+
+
+def load_config(path: str | Path | None = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Config:
+    """Read params.yaml (or start from defaults when path is None), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: params file not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    for assignment in overrides or []:
+        _apply_override(raw, assignment)
+    cfg = _build(Config, raw)
+    _validate(cfg)
+    return cfg

@@ -1,0 +1,1 @@
+"""Task-level code for spanflow: SQuAD data handling and evaluation."""

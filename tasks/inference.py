@@ -1,0 +1,110 @@
+"""Chunked inference: batches of chunks sorted by length, dynamic padding, autocast, span decoding."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from tasks.features import Features, Record, featurize
+from tasks.spans import Answer, best_spans
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto': bf16 where the hardware runs it natively (AMX/avx512-bf16 CPUs, Ampere+ GPUs), else fp16 on CUDA, else fp32."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        cpu_bf16 = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+        return "bf16" if cpu_bf16 else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("train.precision: fp16 needs a CUDA device; on CPU use bf16 or fp32")
+    return precision
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pad_batch(feats: Features, idx: list[int], pad_id: int, with_labels: bool) -> dict[str, torch.Tensor]:
+    """Dynamic padding: pad to the longest chunk of this batch only."""
+    width = max(len(feats.input_ids[i]) for i in idx)
+    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+    types = torch.zeros((len(idx), width), dtype=torch.long)
+    mask = torch.zeros((len(idx), width), dtype=torch.long)
+    for row, i in enumerate(idx):
+        n = len(feats.input_ids[i])
+        ids[row, :n] = torch.tensor(feats.input_ids[i])
+        types[row, :n] = torch.tensor(feats.token_type_ids[i])
+        mask[row, :n] = 1
+    batch = {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
+    if with_labels:
+        batch["start_positions"] = torch.tensor([feats.start_positions[i] for i in idx])
+        batch["end_positions"] = torch.tensor([feats.end_positions[i] for i in idx])
+    return batch
+
+
+def length_sorted_batches(feats: Features, batch_size: int) -> Iterator[list[int]]:
+    order = sorted(range(len(feats)), key=lambda i: len(feats.input_ids[i]), reverse=True)
+    for lo in range(0, len(order), batch_size):
+        yield order[lo : lo + batch_size]
+
+
+@torch.inference_mode()
+def run_model(
+    model: torch.nn.Module,
+    feats: Features,
+    batch_size: int,
+    precision: str,
+    pad_id: int,
+    with_loss: bool = False,
+) -> tuple[list[np.ndarray], list[np.ndarray], float | None]:
+    """Start/end logits per chunk (trimmed to its length) and, with labels, the mean loss."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    starts: list[np.ndarray] = [np.empty(0)] * len(feats)
+    ends: list[np.ndarray] = [np.empty(0)] * len(feats)
+    loss_sum, n = 0.0, 0
+    for idx in length_sorted_batches(feats, batch_size):
+        batch = {k: v.to(device) for k, v in pad_batch(feats, idx, pad_id, with_loss).items()}
+        with autocast(device, precision):
+            out = model(**batch)
+        s, e = out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy()
+        for row, i in enumerate(idx):
+            n_tok = len(feats.input_ids[i])
+            starts[i], ends[i] = s[row, :n_tok], e[row, :n_tok]
+        if with_loss:
+            loss_sum += float(out.loss) * len(idx)
+            n += len(idx)
+    model.train(was_training)
+    return starts, ends, (loss_sum / n if n else None)
+
+
+def answer_questions(
+    model: torch.nn.Module,
+    tokenizer,
+    records: list[Record],
+    chunk_length: int,
+    overlap: int,
+    max_query_length: int,
+    max_answer_length: int,
+    n_best: int,
+    batch_size: int,
+    precision: str,
+) -> list[Answer]:
+    """Question + context of any length -> best answer span, with its own context splitting."""
+    feats = featurize(records, tokenizer, chunk_length, overlap, max_query_length)
+    starts, ends, _ = run_model(model, feats, batch_size, precision, tokenizer.pad_token_id)
+    return best_spans(records, feats, starts, ends, max_answer_length, n_best)

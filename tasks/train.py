@@ -1,0 +1,122 @@
+"""Stage train: the method applied to the backbone, trained on the training split, tracked in MLflow."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import resource
+import sys
+from dataclasses import asdict
+
+import mlflow
+import yaml
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from spanflow.config import Config
+from spanflow.paths import MODEL, PREPARED, RESULTS
+from tasks.data import read_jsonl
+from tasks.featurize import load_split_features
+from tasks.inference import default_device
+from tasks.io_utils import atomic_write_json, atomic_write_text
+from tasks.modeling import apply_method, export_merged, load_backbone, load_tokenizer
+from tasks.plots import learning_curves
+from tasks.tracking import git_commit, load_run_ref, prefect_tags, save_run_ref, setup_mlflow
+from tasks.training import EpochStats, train_model
+
+SUMMARY_FILE = MODEL / "train.json"
+HISTORY_FILE = RESULTS / "history.csv"
+CURVES_FILE = RESULTS / "learning_curves.png"
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024**2)
+
+
+def _data_tags() -> dict[str, str]:
+    version = json.loads((PREPARED / "version.json").read_text())
+    tags = {}
+    for split in ("train", "dev"):
+        v = version[split]
+        tags[f"data.{split}.content_sha256"] = v["content_sha256"]
+        tags[f"data.{split}.dvc_md5"] = str(v["dvc_md5"])
+        tags[f"data.{split}.source"] = v["source"]
+    return tags
+
+
+def _write_history(history: list[EpochStats]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(asdict(history[0])))
+    writer.writeheader()
+    writer.writerows(asdict(h) for h in history)
+    atomic_write_text(HISTORY_FILE, buf.getvalue())
+
+
+def _start_run(cfg: Config, resume: bool) -> mlflow.ActiveRun:
+    experiment_id = setup_mlflow(cfg)
+    if resume:
+        try:
+            return mlflow.start_run(run_id=load_run_ref()["run_id"])
+        except FileNotFoundError:
+            pass
+    run_name = f"{cfg.method.name}-c{cfg.features.chunk_length}-o{cfg.features.overlap}"
+    return mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
+
+
+def train_stage(cfg: Config, resume: bool = False) -> dict:
+    tokenizer = load_tokenizer(cfg.model)
+    train_feats = load_split_features(cfg, "train")
+    val_feats = load_split_features(cfg, "val")
+    val_records = read_jsonl(PREPARED / "val.jsonl")
+
+    with _start_run(cfg, resume) as run:
+        save_run_ref(run.info.run_id, run.info.experiment_id)
+        mlflow.log_params(cfg.flat())
+        mlflow.set_tags({**_data_tags(), "git_commit": git_commit(), **prefect_tags()})
+        mlflow.log_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config/params.resolved.yaml")
+
+        prepared = apply_method(load_backbone(cfg.model), cfg.method)
+        prepared.model.to(default_device())
+        print(f"method {cfg.method.name}: {prepared.trainable_params:,} of {prepared.total_params:,} parameters trainable")
+
+        def log_epoch(stats: EpochStats) -> None:
+            metrics = {k: v for k, v in asdict(stats).items() if k not in ("epoch", "step") and v is not None}
+            mlflow.log_metrics(metrics, step=stats.epoch)
+
+        result = train_model(
+            prepared, train_feats, val_feats, val_records, cfg, tokenizer.pad_token_id,
+            MODEL / "checkpoints", resume=resume, on_epoch=log_epoch,
+        )
+        export_merged(prepared.model, tokenizer, MODEL / "hf")
+
+        summary = {
+            "run_id": run.info.run_id,
+            "method": cfg.method.name,
+            "precision": result.precision,
+            "trainable_params": prepared.trainable_params,
+            "total_params": prepared.total_params,
+            "train_seconds": round(result.train_seconds, 2),
+            "train_examples_per_second": round(result.examples_per_second, 2),
+            "train_chunks": len(train_feats),
+            "steps": result.steps,
+            "epochs_run": len(result.history),
+            "best_epoch": result.best_epoch,
+            "stopped_early": result.stopped_early,
+            "train_peak_rss_mb": round(peak_rss_mb(), 1),
+            "history": [asdict(h) for h in result.history],
+        }
+        atomic_write_json(SUMMARY_FILE, summary)
+        _write_history(result.history)
+        learning_curves(summary["history"], CURVES_FILE)
+        mlflow.log_metrics({k: float(summary[k]) for k in (
+            "trainable_params", "total_params", "train_seconds", "train_examples_per_second", "train_peak_rss_mb", "steps",
+        )})
+        mlflow.set_tag("precision", result.precision)
+        mlflow.log_artifact(str(CURVES_FILE), "plots")
+        mlflow.log_artifact(str(HISTORY_FILE), "plots")
+    return summary
+
+
+train_task = task(train_stage, name="train", cache_policy=NO_CACHE)

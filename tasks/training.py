@@ -1,0 +1,245 @@
+"""The training loop: mixed precision, gradient accumulation, warm-up + linear decay, early
+stopping on validation loss, one checkpoint per epoch that a killed run resumes from."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup, set_seed
+
+from spanflow.config import Config
+from tasks.features import Features, Record
+from tasks.inference import autocast, pad_batch, resolve_precision, run_model
+from tasks.modeling import PreparedModel, load_trainable_state, trainable_state
+from tasks.spans import apply_no_answer_threshold, best_spans
+from tasks.squad_metrics import score
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    step: int
+    train_loss: float
+    val_loss: float | None
+    val_exact_match: float | None
+    val_f1: float | None
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    history: list[EpochStats] = field(default_factory=list)
+    precision: str = "fp32"
+    train_seconds: float = 0.0
+    train_examples: int = 0  # chunks seen, over all epochs
+    steps: int = 0
+    best_epoch: int = 0
+    stopped_early: bool = False
+
+    @property
+    def examples_per_second(self) -> float:
+        return self.train_examples / self.train_seconds if self.train_seconds else 0.0
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Shuffled batches of similar-length chunks: shuffle, sort within mega-batches, shuffle batches."""
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    mega = batch_size * 50
+    batches = []
+    for lo in range(0, len(order), mega):
+        block = sorted(order[lo : lo + mega], key=lambda i: lengths[i], reverse=True)
+        batches += [block[k : k + batch_size] for k in range(0, len(block), batch_size)]
+    rng.shuffle(batches)
+    yield from batches
+
+
+def shuffled_batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    for lo in range(0, n, batch_size):
+        yield order[lo : lo + batch_size]
+
+
+def run_fingerprint(cfg: Config) -> str:
+    """What must not change between a killed run and its resumption."""
+    keys = {"model": cfg.model, "features": cfg.features, "method": cfg.method, "train": cfg.train, "data": cfg.data}
+    blob = json.dumps({k: asdict(v) for k, v in keys.items()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def score_answers(records: list[Record], feats: Features, starts, ends, cfg: Config) -> dict[str, float]:
+    answers = best_spans(records, feats, starts, ends, cfg.eval.max_answer_length, cfg.eval.n_best)
+    texts = apply_no_answer_threshold(answers, cfg.eval.no_answer_threshold)
+    version = "2.0" if any(r["is_impossible"] for r in records) else "1.1"
+    return score(records, {r["id"]: t for r, t in zip(records, texts, strict=True)}, version)
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    found = sorted(ckpt_dir.glob("epoch-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+    return found[-1] if found else None
+
+
+def train_model(
+    prepared: PreparedModel,
+    train_feats: Features,
+    val_feats: Features,
+    val_records: list[Record],
+    cfg: Config,
+    pad_id: int,
+    ckpt_dir: Path,
+    resume: bool = False,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+) -> TrainResult:
+    tc = cfg.train
+    set_seed(tc.seed)
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    model = prepared.model
+    device = next(model.parameters()).device
+    precision = resolve_precision(tc.precision, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=tc.learning_rate,
+    )
+    steps_per_epoch = -(-len(train_feats) // (tc.batch_size * tc.grad_accum_steps))
+    total_steps = steps_per_epoch * tc.epochs
+    if tc.max_steps:
+        total_steps = min(total_steps, tc.max_steps)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(tc.warmup_ratio * total_steps), total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    result = TrainResult(precision=precision)
+    fingerprint = run_fingerprint(cfg)
+    best_loss, best_state, bad_epochs, start_epoch = float("inf"), None, 0, 1
+    ckpt = latest_checkpoint(ckpt_dir) if resume else None
+    if resume and ckpt is None:
+        print(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch")
+    if ckpt is not None:
+        state = torch.load(ckpt, weights_only=False)
+        if state["fingerprint"] != fingerprint:
+            raise ValueError(f"{ckpt}: checkpoint was made with other params; rerun without --resume")
+        load_trainable_state(model, state["trainable"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        result.history = [EpochStats(**h) for h in state["history"]]
+        result.train_seconds, result.train_examples, result.steps = state["train_seconds"], state["train_examples"], state["steps"]
+        best_loss, best_state, bad_epochs = state["best_loss"], state["best_state"], state["bad_epochs"]
+        result.best_epoch = state["best_epoch"]
+        start_epoch = state["epoch"] + 1
+        print(f"resumed from {ckpt} (epoch {state['epoch']} done)")
+
+    model.train()
+    for epoch in range(start_epoch, tc.epochs + 1):
+        if tc.max_steps and result.steps >= tc.max_steps:
+            break
+        t0 = time.perf_counter()
+        epoch_seed = tc.seed * 1000 + epoch
+        batches = list(
+            length_grouped_batches(train_feats.lengths(), tc.batch_size, epoch_seed)
+            if tc.group_by_length
+            else shuffled_batches(len(train_feats), tc.batch_size, epoch_seed)
+        )
+        loss_sum, seen = 0.0, 0
+        bar = tqdm(batches, desc=f"epoch {epoch}/{tc.epochs}", unit="batch", leave=False)
+        for k, idx in enumerate(bar):
+            batch = {key: v.to(device) for key, v in pad_batch(train_feats, idx, pad_id, True).items()}
+            with autocast(device, precision):
+                loss = model(**batch).loss
+            scaler.scale(loss / tc.grad_accum_steps).backward()
+            loss_sum += float(loss) * len(idx)
+            seen += len(idx)
+            if (k + 1) % tc.grad_accum_steps == 0 or k + 1 == len(batches):
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                result.steps += 1
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
+                if tc.max_steps and result.steps >= tc.max_steps:
+                    break
+        bar.close()
+        train_time = time.perf_counter() - t0
+        result.train_seconds += train_time
+        result.train_examples += seen
+
+        val_loss = val_em = val_f1 = None
+        if len(val_feats):
+            starts, ends, val_loss = run_model(model, val_feats, cfg.eval.batch_size, precision, pad_id, with_loss=True)
+            metrics = score_answers(val_records, val_feats, starts, ends, cfg)
+            val_em, val_f1 = metrics["exact_match"], metrics["f1"]
+        stats = EpochStats(epoch, result.steps, loss_sum / max(seen, 1), val_loss, val_em, val_f1, train_time)
+        result.history.append(stats)
+        print(
+            f"epoch {epoch}: train loss {stats.train_loss:.4f}"
+            + (f", val loss {val_loss:.4f}, val EM {val_em:.2f} F1 {val_f1:.2f}" if val_loss is not None else "")
+            + f" ({train_time:.0f}s, {seen / train_time:.1f} chunks/s)"
+        )
+        if on_epoch:
+            on_epoch(stats)
+
+        if val_loss is not None and val_loss < best_loss - 1e-4:
+            best_loss, best_state, bad_epochs, result.best_epoch = val_loss, trainable_state(model), 0, epoch
+        elif val_loss is not None:
+            bad_epochs += 1
+        else:
+            result.best_epoch = epoch
+        _save_checkpoint(
+            ckpt_dir / f"epoch-{epoch}.pt",
+            {
+                "fingerprint": fingerprint,
+                "epoch": epoch,
+                "trainable": trainable_state(model),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+                "history": [asdict(h) for h in result.history],
+                "train_seconds": result.train_seconds,
+                "train_examples": result.train_examples,
+                "steps": result.steps,
+                "best_loss": best_loss,
+                "best_state": best_state,
+                "best_epoch": result.best_epoch,
+                "bad_epochs": bad_epochs,
+            },
+        )
+        for old in ckpt_dir.glob("epoch-*.pt"):  # one checkpoint is enough to resume
+            if old.stem != f"epoch-{epoch}":
+                old.unlink()
+        if val_loss is not None and bad_epochs >= tc.early_stopping_patience:
+            result.stopped_early = epoch < tc.epochs
+            if result.stopped_early:
+                print(f"early stopping: no lower validation loss for {bad_epochs} epoch(s)")
+            break
+
+    if best_state is not None:
+        load_trainable_state(model, best_state)
+    return result
