@@ -29,5 +29,10 @@ def qa_pipeline(params: str = "params.yaml", overrides: list[str] | None = None,
     }
     table = report_task(cfg, metrics, registered, links)
     create_markdown_artifact(markdown=table, key="qa-results", description="spanflow qa-pipeline results")
-    return {"metrics": metrics, "registered": registered, "run_id": trained["run_id"],
-            "flow_run_id": str(flow_run.id), "report": table}
+    return {
+        "metrics": metrics,
+        "registered": registered,
+        "run_id": trained["run_id"],
+        "flow_run_id": str(flow_run.id),
+        "report": table,
+    }

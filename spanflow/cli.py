@@ -13,7 +13,11 @@ STAGES = ("prepare", "featurize", "train", "evaluate", "register")
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a dotted key; the value is parsed as YAML (repeatable), e.g. --set train.epochs=1",
     )
 

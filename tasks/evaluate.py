@@ -34,8 +34,16 @@ def evaluate_stage(cfg: Config) -> dict:
 
     t0 = time.perf_counter()
     answers = answer_questions(
-        model, tokenizer, records, cfg.features.chunk_length, cfg.features.overlap, cfg.features.max_query_length,
-        cfg.eval.max_answer_length, cfg.eval.n_best, cfg.eval.batch_size, precision,
+        model,
+        tokenizer,
+        records,
+        cfg.features.chunk_length,
+        cfg.features.overlap,
+        cfg.features.max_query_length,
+        cfg.eval.max_answer_length,
+        cfg.eval.n_best,
+        cfg.eval.batch_size,
+        precision,
     )
     seconds = time.perf_counter() - t0
     texts = apply_no_answer_threshold(answers, cfg.eval.no_answer_threshold)

@@ -35,10 +35,16 @@ def featurize_splits(cfg: Config, out_dir: Path = FEATURES) -> dict:
     summary = {}
     for split in ("train", "val"):
         records = read_jsonl(PREPARED / f"{split}.jsonl")
-        feats = featurize(records, tokenizer, cfg.features.chunk_length, cfg.features.overlap, cfg.features.max_query_length)
+        feats = featurize(
+            records, tokenizer, cfg.features.chunk_length, cfg.features.overlap, cfg.features.max_query_length
+        )
         save_features(feats, out_dir / f"{split}.pt", meta)
         counts = chunk_counts(feats, len(records))
-        summary[split] = {"questions": len(records), "chunks": len(feats), "max_chunks_per_question": max(counts, default=0)}
+        summary[split] = {
+            "questions": len(records),
+            "chunks": len(feats),
+            "max_chunks_per_question": max(counts, default=0),
+        }
         print(f"featurize {split}: {len(records)} questions -> {len(feats)} chunks")
     return summary
 

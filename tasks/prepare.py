@@ -88,7 +88,9 @@ def _retry_io(task, task_run, state) -> bool:
     return False
 
 
-ingest_task = task(load, name="ingest", retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_io, cache_policy=NO_CACHE)
+ingest_task = task(
+    load, name="ingest", retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_io, cache_policy=NO_CACHE
+)
 validate_task = task(check, name="validate", cache_policy=NO_CACHE)
 version_task = task(version_info, name="version", cache_policy=NO_CACHE)
 split_task = task(split_and_write, name="split", cache_policy=NO_CACHE)

@@ -25,7 +25,9 @@ class SpanQAModel(PythonModel):
         self.model = AutoModelForQuestionAnswering.from_pretrained(context.artifacts["model_dir"])
         self.model.to(default_device()).eval()
 
-    def predict(self, context: PythonModelContext, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+    def predict(
+        self, context: PythonModelContext, model_input: pd.DataFrame, params: dict | None = None
+    ) -> pd.DataFrame:
         from tasks.inference import answer_questions
 
         if isinstance(model_input, dict):
@@ -40,11 +42,21 @@ class SpanQAModel(PythonModel):
                 raise ValueError(f"row {i}: 'question' must be a non-empty string")
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"row {i}: 'context' must be a non-empty string")
-            records.append({"id": str(i), "question": question, "context": text, "answers": {"text": [], "answer_start": []}})
+            records.append(
+                {"id": str(i), "question": question, "context": text, "answers": {"text": [], "answer_start": []}}
+            )
         s = self.settings
         answers = answer_questions(
-            self.model, self.tokenizer, records, s["chunk_length"], s["overlap"], s["max_query_length"],
-            s["max_answer_length"], s["n_best"], s["batch_size"], s["precision"],
+            self.model,
+            self.tokenizer,
+            records,
+            s["chunk_length"],
+            s["overlap"],
+            s["max_query_length"],
+            s["max_answer_length"],
+            s["n_best"],
+            s["batch_size"],
+            s["precision"],
         )
         return pd.DataFrame(
             {

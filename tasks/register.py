@@ -58,7 +58,13 @@ def register_stage(cfg: Config) -> dict:
     version = info.registered_model_version
     client = MlflowClient()
     client.set_registered_model_alias(name, alias, version)
-    out = {"model_name": name, "version": int(version), "alias": alias, "run_id": run_id, "model_uri": f"models:/{name}@{alias}"}
+    out = {
+        "model_name": name,
+        "version": int(version),
+        "alias": alias,
+        "run_id": run_id,
+        "model_uri": f"models:/{name}@{alias}",
+    }
     atomic_write_json(REGISTERED_FILE, out)
     print(f"registered {name} version {version} as @{alias}")
     return out

@@ -79,15 +79,24 @@ def train_stage(cfg: Config, resume: bool = False) -> dict:
 
         prepared = apply_method(load_backbone(cfg.model), cfg.method)
         prepared.model.to(default_device())
-        print(f"method {cfg.method.name}: {prepared.trainable_params:,} of {prepared.total_params:,} parameters trainable")
+        print(
+            f"method {cfg.method.name}: {prepared.trainable_params:,} of {prepared.total_params:,} parameters trainable"
+        )
 
         def log_epoch(stats: EpochStats) -> None:
             metrics = {k: v for k, v in asdict(stats).items() if k not in ("epoch", "step") and v is not None}
             mlflow.log_metrics(metrics, step=stats.epoch)
 
         result = train_model(
-            prepared, train_feats, val_feats, val_records, cfg, tokenizer.pad_token_id,
-            MODEL / "checkpoints", resume=resume, on_epoch=log_epoch,
+            prepared,
+            train_feats,
+            val_feats,
+            val_records,
+            cfg,
+            tokenizer.pad_token_id,
+            MODEL / "checkpoints",
+            resume=resume,
+            on_epoch=log_epoch,
         )
         export_merged(prepared.model, tokenizer, MODEL / "hf")
 
@@ -110,9 +119,19 @@ def train_stage(cfg: Config, resume: bool = False) -> dict:
         atomic_write_json(SUMMARY_FILE, summary)
         _write_history(result.history)
         learning_curves(summary["history"], CURVES_FILE)
-        mlflow.log_metrics({k: float(summary[k]) for k in (
-            "trainable_params", "total_params", "train_seconds", "train_examples_per_second", "train_peak_rss_mb", "steps",
-        )})
+        mlflow.log_metrics(
+            {
+                k: float(summary[k])
+                for k in (
+                    "trainable_params",
+                    "total_params",
+                    "train_seconds",
+                    "train_examples_per_second",
+                    "train_peak_rss_mb",
+                    "steps",
+                )
+            }
+        )
         mlflow.set_tag("precision", result.precision)
         mlflow.log_artifact(str(CURVES_FILE), "plots")
         mlflow.log_artifact(str(HISTORY_FILE), "plots")

@@ -148,7 +148,11 @@ def train_model(
         np.random.set_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])
         result.history = [EpochStats(**h) for h in state["history"]]
-        result.train_seconds, result.train_examples, result.steps = state["train_seconds"], state["train_examples"], state["steps"]
+        result.train_seconds, result.train_examples, result.steps = (
+            state["train_seconds"],
+            state["train_examples"],
+            state["steps"],
+        )
         best_loss, best_state, bad_epochs = state["best_loss"], state["best_state"], state["bad_epochs"]
         result.best_epoch = state["best_epoch"]
         start_epoch = state["epoch"] + 1
@@ -172,7 +176,7 @@ def train_model(
             with autocast(device, precision):
                 loss = model(**batch).loss
             scaler.scale(loss / tc.grad_accum_steps).backward()
-            loss_sum += float(loss) * len(idx)
+            loss_sum += loss.item() * len(idx)
             seen += len(idx)
             if (k + 1) % tc.grad_accum_steps == 0 or k + 1 == len(batches):
                 scaler.unscale_(optimizer)

@@ -1,0 +1,155 @@
+"""The real qa-pipeline on a small slice, in a temporary project: real Prefect (temporary server),
+real MLflow (SQLite store + ./mlruns), real DVC (`dvc repro` in a fresh git repo)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import make_tiny_model_dir
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _small_params(model_dir: Path) -> dict:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update(train_limit=600, dev_limit=40, val_fraction=0.5)
+    params["model"]["name_or_path"] = str(model_dir)
+    params["features"].update(chunk_length=96, overlap=32, max_query_length=24)
+    params["train"].update(epochs=2, max_steps=6, batch_size=8)
+    params["registry"]["model_name"] = "spanflow-qa-test"
+    return params
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the project's pipeline files with a tiny local model, as a fresh git + DVC repo."""
+    root = tmp_path / "project"
+    root.mkdir()
+    for name in ("dvc.yaml", "tasks"):
+        src = REPO / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, root / name)
+    shutil.copytree(REPO / "data" / "squad", root / "data" / "squad")
+    shutil.copytree(REPO / "data" / "leaderboard", root / "data" / "leaderboard")
+    model_dir = make_tiny_model_dir(tmp_path / "tiny-bert")
+    (root / "params.yaml").write_text(yaml.safe_dump(_small_params(model_dir), sort_keys=False))
+    monkeypatch.chdir(root)
+    return root
+
+
+def _git_dvc_init(root: Path) -> None:
+    for cmd in (
+        ["git", "init", "-q"],
+        [str(BIN / "dvc"), "init", "-q"],
+        [str(BIN / "dvc"), "config", "core.analytics", "false"],
+    ):
+        subprocess.run(cmd, cwd=root, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], cwd=root, check=True)
+
+
+def test_qa_pipeline_flow_lands_in_mlflow_prefect_and_registry(project: Path, prefect_server: str) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+
+    from flows.pipeline import qa_pipeline
+
+    out = qa_pipeline(params="params.yaml")
+
+    # files each stage wrote
+    predictions = json.loads((project / "results" / "predictions.json").read_text())
+    dev_ids = [json.loads(line)["id"] for line in (project / "data/prepared/dev.jsonl").read_text().splitlines()]
+    assert list(predictions) == dev_ids and len(dev_ids) == 40
+    assert all(isinstance(v, str) for v in predictions.values())
+    metrics = json.loads((project / "results" / "metrics.json").read_text())
+    assert 0 <= metrics["f1"] <= 100 and metrics["dev_questions"] == 40
+    assert 0 < metrics["trainable_params"] < metrics["total_params"]
+    assert "| system | EM | F1 |" in out["report"] and "Logistic Regression" in out["report"]
+
+    # MLflow: params, per-epoch metrics, tags, artifacts
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(out["run_id"])
+    assert run.data.params["features.chunk_length"] == "96"
+    assert run.data.params["method.name"] == "lora"
+    assert run.data.metrics["dev_f1"] == pytest.approx(metrics["f1"])
+    assert len(client.get_metric_history(run.info.run_id, "val_f1")) >= 1
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) >= 1
+    md5 = hashlib.md5((project / "data/squad/train-v1.1-head.json").read_bytes()).hexdigest()
+    assert run.data.tags["data.train.dvc_md5"] == md5
+    assert len(run.data.tags["data.train.content_sha256"]) == 64
+    assert run.data.tags["git_commit"]
+    assert run.data.tags["prefect.flow_run_id"] == out["flow_run_id"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"predictions.json", "metrics.json", "config", "plots"} <= artifacts
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} >= {
+        "plots/learning_curves.png",
+        "plots/history.csv",
+    }
+    assert (project / "mlruns").is_dir() and any((project / "mlruns").iterdir())
+
+    # registry: alias challenger -> a pyfunc that answers over a long context
+    version = client.get_model_version_by_alias("spanflow-qa-test", "challenger")
+    assert version.run_id == run.info.run_id
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/spanflow-qa-test@challenger")
+    context = " ".join(f"Sentence number {i} talks about nothing at all." for i in range(120))
+    context += " The capital of France is Paris."
+    import pandas as pd
+
+    answer = model.predict(pd.DataFrame({"question": ["What is the capital of France?"], "context": [context]}))
+    row = answer.iloc[0]
+    assert context[row["start"] : row["end"]] == row["answer"]
+    assert len(row["answer"]) > 0
+
+    # Prefect: the flow run completed on the server, with its results artifact
+    async def read() -> tuple:
+        async with get_client() as pc:
+            fr = await pc.read_flow_run(out["flow_run_id"])
+            arts = await pc.read_artifacts()
+            return fr, arts
+
+    import asyncio
+
+    flow_run, prefect_artifacts = asyncio.run(read())
+    assert flow_run.state.is_completed()
+    assert any(a.key == "qa-results" and str(a.flow_run_id) == out["flow_run_id"] for a in prefect_artifacts)
+
+
+def _dvc(root: Path, *args: str, env: dict) -> str:
+    proc = subprocess.run([str(BIN / "dvc"), *args], cwd=root, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+def test_dvc_repro_runs_the_stages_and_reruns_only_what_changed(project: Path, prefect_server: str) -> None:
+    _git_dvc_init(project)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_API_URL": prefect_server}
+    first = _dvc(project, "repro", env=env)
+    for stage in ("prepare", "featurize", "train", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in first
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"prepare", "featurize", "train", "evaluate", "register"}
+    metrics_out = _dvc(project, "metrics", "show", env=env)
+    f1 = json.loads((project / "results" / "metrics.json").read_text())["f1"]
+    assert "results/metrics.json" in metrics_out and "exact_match" in metrics_out and f"{f1:g}"[:4] in metrics_out
+
+    # a knob only evaluation reads: everything upstream is skipped
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["eval"]["batch_size"] = 16
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    second = _dvc(project, "repro", env=env)
+    for stage in ("prepare", "featurize", "train"):
+        assert f"Stage '{stage}' didn't change, skipping" in second
+    assert "Running stage 'evaluate'" in second
+    assert _dvc(project, "status", env=env).strip().endswith("Data and pipelines are up to date.")
