@@ -15,7 +15,8 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto': bf16 where the hardware runs it natively (AMX/avx512-bf16 CPUs, Ampere+ GPUs), else fp16 on CUDA, else fp32."""
+    """'auto': bf16 where the hardware runs it natively (AMX/avx512-bf16 CPUs, Ampere+ GPUs),
+    else fp16 on CUDA, else fp32."""
     if precision == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"

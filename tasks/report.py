@@ -48,14 +48,16 @@ def results_table(cfg: Config, metrics: dict, registered: dict, links: dict[str,
         "| --- | ---: |",
         f"| trainable / total parameters | {metrics['trainable_params']:,} / {metrics['total_params']:,} "
         f"({100 * metrics['trainable_params'] / metrics['total_params']:.2f}%) |",
-        f"| train time | {metrics['train_seconds']:.0f} s ({metrics['train_examples_per_second']:.1f} chunks/s, {metrics['precision']}) |",
+        f"| train time | {metrics['train_seconds']:.0f} s "
+        f"({metrics['train_examples_per_second']:.1f} chunks/s, {metrics['precision']}) |",
         f"| inference | {metrics['inference_ms_per_question']:.1f} ms per question |",
         f"| peak RSS (train / eval) | {metrics['train_peak_rss_mb']:.0f} / {metrics['eval_peak_rss_mb']:.0f} MiB |",
         "",
         "### Where to look",
         "",
         *[f"- {k}: {v}" for k, v in links.items()],
-        f"- registered model: `{registered['model_name']}` version {registered['version']} (alias `@{registered['alias']}`)",
+        f"- registered model: `{registered['model_name']}` version {registered['version']} "
+        f"(alias `@{registered['alias']}`)",
     ]
     return "\n".join(lines)
 

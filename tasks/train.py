@@ -13,6 +13,7 @@ import mlflow
 import yaml
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from transformers import set_seed
 
 from spanflow.config import Config
 from spanflow.paths import MODEL, PREPARED, RESULTS
@@ -77,6 +78,7 @@ def train_stage(cfg: Config, resume: bool = False) -> dict:
         mlflow.set_tags({**_data_tags(), "git_commit": git_commit(), **prefect_tags()})
         mlflow.log_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config/params.resolved.yaml")
 
+        set_seed(cfg.train.seed)  # the new QA head and the LoRA adapters start from the seed
         prepared = apply_method(load_backbone(cfg.model), cfg.method)
         prepared.model.to(default_device())
         print(

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -156,6 +157,9 @@ def train_model(
         best_loss, best_state, bad_epochs = state["best_loss"], state["best_state"], state["bad_epochs"]
         result.best_epoch = state["best_epoch"]
         start_epoch = state["epoch"] + 1
+        if result.history[-1].val_loss is not None and bad_epochs >= tc.early_stopping_patience:
+            start_epoch = tc.epochs + 1  # that run had stopped early: nothing left to train
+            result.stopped_early = state["epoch"] < tc.epochs
         print(f"resumed from {ckpt} (epoch {state['epoch']} done)")
 
     model.train()
@@ -170,7 +174,9 @@ def train_model(
             else shuffled_batches(len(train_feats), tc.batch_size, epoch_seed)
         )
         loss_sum, seen = 0.0, 0
-        bar = tqdm(batches, desc=f"epoch {epoch}/{tc.epochs}", unit="batch", leave=False)
+        # in a log file (Prefect, DVC, CI) a line every 30 s instead of a redraw per batch
+        interval = 0.1 if sys.stderr.isatty() else 30.0
+        bar = tqdm(batches, desc=f"epoch {epoch}/{tc.epochs}", unit="batch", leave=False, mininterval=interval)
         for k, idx in enumerate(bar):
             batch = {key: v.to(device) for key, v in pad_batch(train_feats, idx, pad_id, True).items()}
             with autocast(device, precision):

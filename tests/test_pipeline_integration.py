@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
@@ -60,7 +61,6 @@ def _git_dvc_init(root: Path) -> None:
 def test_qa_pipeline_flow_lands_in_mlflow_prefect_and_registry(project: Path, prefect_server: str) -> None:
     import mlflow
     from mlflow import MlflowClient
-    from prefect.client.orchestration import get_client
 
     from flows.pipeline import qa_pipeline
 
@@ -112,18 +112,15 @@ def test_qa_pipeline_flow_lands_in_mlflow_prefect_and_registry(project: Path, pr
     assert context[row["start"] : row["end"]] == row["answer"]
     assert len(row["answer"]) > 0
 
-    # Prefect: the flow run completed on the server, with its results artifact
-    async def read() -> tuple:
-        async with get_client() as pc:
-            fr = await pc.read_flow_run(out["flow_run_id"])
-            arts = await pc.read_artifacts()
-            return fr, arts
-
-    import asyncio
-
-    flow_run, prefect_artifacts = asyncio.run(read())
-    assert flow_run.state.is_completed()
-    assert any(a.key == "qa-results" and str(a.flow_run_id) == out["flow_run_id"] for a in prefect_artifacts)
+    # Prefect: the flow run completed on the server, with its results artifact (server REST API)
+    flow_run = httpx.get(f"{prefect_server}/flow_runs/{out['flow_run_id']}").json()
+    assert flow_run["state"]["type"] == "COMPLETED"
+    assert flow_run["name"] in out["report"]
+    found = httpx.post(
+        f"{prefect_server}/artifacts/filter", json={"artifacts": {"key": {"any_": ["qa-results"]}}, "limit": 10}
+    ).json()
+    assert [a["flow_run_id"] for a in found] == [out["flow_run_id"]]
+    assert "| system | EM | F1 |" in found[0]["data"]
 
 
 def _dvc(root: Path, *args: str, env: dict) -> str:
@@ -153,3 +150,31 @@ def test_dvc_repro_runs_the_stages_and_reruns_only_what_changed(project: Path, p
         assert f"Stage '{stage}' didn't change, skipping" in second
     assert "Running stage 'evaluate'" in second
     assert _dvc(project, "status", env=env).strip().endswith("Data and pipelines are up to date.")
+
+
+def test_bad_input_stops_the_flow_and_writes_nothing(project: Path, prefect_server: str) -> None:
+    from flows.stages import prepare_flow
+    from tasks.data import DataValidationError
+
+    squad = json.loads((project / "data/squad/train-v1.1-head.json").read_text())
+    qa = squad["data"][3]["paragraphs"][2]["qas"][1]
+    qa["answers"][0]["answer_start"] += 7
+    bad = project / "data/squad/bad-train.json"
+    bad.write_text(json.dumps(squad))
+    # an earlier good result must survive a rejected input
+    prepare_flow(params="params.yaml")
+    before = {p.name: p.read_bytes() for p in (project / "data/prepared").iterdir()}
+
+    with pytest.raises(DataValidationError) as err:
+        prepare_flow(params="params.yaml", overrides=[f"data.train={bad}", "data.train_limit=null"])
+    message = str(err.value)
+    assert "bad-train.json" in message and qa["id"] in message and "answer_start" in message
+    assert {p.name: p.read_bytes() for p in (project / "data/prepared").iterdir()} == before
+
+
+def test_cli_rejects_unknown_override_key(project: Path) -> None:
+    proc = subprocess.run(
+        [str(BIN / "spanflow"), "run", "--set", "train.epochz=1"], cwd=project, capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert "train.epochz" in proc.stderr

@@ -1,0 +1,304 @@
+"""Span decoding (tasks/spans.py): hand-built numpy logits on top of real features of tiny records."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from spanflow.config import ModelConfig
+from tasks.features import Features, featurize
+from tasks.modeling import load_tokenizer
+from tasks.spans import Answer, apply_no_answer_threshold, best_spans
+
+LOW = -10.0
+CONTEXT = "The Alder river flows through Norland. It is 420 kilometres long and was mapped in 1780."
+QUESTION = "How long is the Alder river?"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(ModelConfig())
+
+
+def make_record(context: str, answer: str, question: str = QUESTION, rid: str = "r0") -> dict:
+    return {
+        "id": rid,
+        "title": "T",
+        "context": context,
+        "question": question,
+        "answers": {"text": [answer], "answer_start": [context.index(answer)]},
+        "is_impossible": False,
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny(tok):
+    """One short record in one chunk, plus a lookup from context word to token index."""
+    rec = make_record(CONTEXT, "420 kilometres")
+    feats = featurize([rec], tok, 64, 16)
+    assert len(feats) == 1
+    return rec, feats
+
+
+def tok_of(rec: dict, feats: Features, chunk: int, word: str) -> int:
+    """Index of the (single) token that starts at `word` in the chunk."""
+    start = rec["context"].index(word)
+    return next(k for k, o in enumerate(feats.offsets[chunk]) if o is not None and o[0] == start)
+
+
+def flat_logits(feats: Features, value: float = LOW) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    return (
+        [np.full(len(ids), value, dtype=np.float32) for ids in feats.input_ids],
+        [np.full(len(ids), value, dtype=np.float32) for ids in feats.input_ids],
+    )
+
+
+def brute_force(records, feats, starts, ends, max_answer_length):
+    """Reference: exhaustive search over every (start, end) pair of context tokens."""
+    out = []
+    for ex, rec in enumerate(records):
+        best = (-math.inf, "", -1, -1)
+        for f, fex in enumerate(feats.example_index):
+            if fex != ex:
+                continue
+            offs = feats.offsets[f]
+            ctx = [k for k, o in enumerate(offs) if o is not None]
+            for s in ctx:
+                for e in ctx:
+                    if s <= e < s + max_answer_length:
+                        score = float(starts[f][s] + ends[f][e])
+                        if score > best[0]:
+                            best = (score, rec["context"][offs[s][0] : offs[e][1]], offs[s][0], offs[e][1])
+        out.append(best)
+    return out
+
+
+# --------------------------------------------------------------------------- one chunk
+
+
+def test_picks_max_scoring_span(tiny):
+    rec, feats = tiny
+    s_log, e_log = flat_logits(feats)
+    a, b = tok_of(rec, feats, 0, "420"), tok_of(rec, feats, 0, "kilometres")
+    s_log[0][a], e_log[0][b] = 5.0, 4.0
+    s_log[0][a + 3], e_log[0][a + 4] = 3.0, 3.5  # a weaker valid span elsewhere
+    (ans,) = best_spans([rec], feats, s_log, e_log)
+    assert ans.text == "420 kilometres"
+    assert (ans.start, ans.end) == (CONTEXT.index("420"), CONTEXT.index("420") + len("420 kilometres"))
+    assert CONTEXT[ans.start : ans.end] == ans.text
+    assert ans.score == pytest.approx(9.0)
+    assert ans.null_score == pytest.approx(2 * LOW)
+
+
+def test_rejects_end_before_start(tiny):
+    rec, feats = tiny
+    s_log, e_log = flat_logits(feats)
+    late, early = tok_of(rec, feats, 0, "1780"), tok_of(rec, feats, 0, "420")
+    s_log[0][late], e_log[0][early] = 10.0, 10.0  # 20.0, but the end precedes the start
+    s_log[0][early] = 3.0
+    (ans,) = best_spans([rec], feats, s_log, e_log)
+    assert ans.text == "420"
+    assert ans.score == pytest.approx(13.0)
+
+
+@pytest.mark.parametrize("max_len", [1, 3, 8])
+def test_rejects_spans_longer_than_max_answer_length(tok, max_len):
+    words = [str(n) for n in range(101, 116)]
+    context = " ".join(words)
+    rec = make_record(context, words[2], question="Which numbers?")
+    feats = featurize([rec], tok, 64, 16)
+    assert sum(o is not None for o in feats.offsets[0]) == len(words)  # one token per word
+    first = tok_of(rec, feats, 0, words[0])
+    a = first + 2
+    s_log, e_log = flat_logits(feats)
+    s_log[0][a] = 5.0
+    e_log[0][a + max_len] = 9.0  # max_len + 1 tokens: one too long
+    e_log[0][a + max_len - 1] = 1.0  # exactly max_len tokens: allowed
+    (ans,) = best_spans([rec], feats, s_log, e_log, max_answer_length=max_len)
+    assert ans.text == " ".join(words[2 : 2 + max_len])
+    assert ans.score == pytest.approx(6.0)
+    (longer,) = best_spans([rec], feats, s_log, e_log, max_answer_length=max_len + 1)
+    assert longer.text == " ".join(words[2 : 3 + max_len])
+    assert longer.score == pytest.approx(14.0)
+
+
+def test_ignores_question_cls_and_sep_tokens(tiny):
+    rec, feats = tiny
+    offs = feats.offsets[0]
+    non_ctx = [k for k, o in enumerate(offs) if o is None]
+    assert non_ctx[0] == 0 and len(non_ctx) > 3  # [CLS], question tokens, two [SEP]
+    s_log, e_log = flat_logits(feats, -100.0)
+    for k in non_ctx:
+        s_log[0][k] = e_log[0][k] = 100.0  # the very best scores sit outside the context
+    k = tok_of(rec, feats, 0, "river")
+    s_log[0][k], e_log[0][k] = -50.0, -50.0
+    (ans,) = best_spans([rec], feats, s_log, e_log)
+    assert ans.text == "river"
+    assert ans.score == pytest.approx(-100.0)
+    assert ans.null_score == pytest.approx(200.0)
+    assert apply_no_answer_threshold([ans], 0.0) == [""]
+
+
+def test_n_best_limits_candidates(tiny):
+    rec, feats = tiny
+    s_log, e_log = flat_logits(feats)
+    t = {w: tok_of(rec, feats, 0, w) for w in ("Alder", "420", "kilometres", "1780")}
+    s_log[0][t["1780"]] = 9.0  # best start, but every strong end lies before it
+    s_log[0][t["420"]] = 8.0  # second-best start
+    e_log[0][t["Alder"]] = 9.0  # best end, before both starts
+    e_log[0][t["kilometres"]] = 1.0  # second-best end
+    (one,) = best_spans([rec], feats, s_log, e_log, n_best=1)
+    assert (one.text, one.start, one.end, one.score) == ("", -1, -1, -math.inf)
+    assert apply_no_answer_threshold([one], 1e9) == [""]
+    (two,) = best_spans([rec], feats, s_log, e_log, n_best=2)
+    assert two.text == "420 kilometres"
+    assert two.score == pytest.approx(9.0)
+
+
+# --------------------------------------------------------------------------- several chunks
+
+
+@pytest.fixture(scope="module")
+def chunked(tok):
+    """Two questions over a numbered context split into several chunks, features of both interleaved."""
+    vocab = tok.get_vocab()
+    words = [str(n) for n in range(100, 10000) if str(n) in vocab][:60]
+    context = " ".join(words)
+    recs = [make_record(context, words[1], "Which numbers?", "a"), make_record(context, words[2], "Which?", "b")]
+    feats = featurize(recs, tok, 32, 8)
+    counts = [feats.example_index.count(i) for i in range(2)]
+    assert counts[0] >= 3 and counts[0] == counts[1]
+    return words, context, recs, feats
+
+
+def char_of(words, word_index):
+    return sum(len(w) + 1 for w in words[:word_index])
+
+
+def chunk_word_tok(words, context, feats, chunk, word_index):
+    """Token index of word `word_index` in the chunk, None when the chunk does not hold it."""
+    start = char_of(words, word_index)
+    assert context[start : start + len(words[word_index])] == words[word_index]
+    return next((k for k, o in enumerate(feats.offsets[chunk]) if o is not None and o[0] == start), None)
+
+
+@pytest.mark.parametrize("winner", ["first", "last"])
+def test_best_over_chunks_maps_to_context_characters(chunked, winner):
+    words, context, recs, feats = chunked
+    chunks_a = [f for f, ex in enumerate(feats.example_index) if ex == 0]
+    first, last = chunks_a[0], chunks_a[-1]
+    s_log, e_log = flat_logits(feats)
+    # words 3..4 only in the first chunk, words 56..58 only in the last one
+    a0, b0 = chunk_word_tok(words, context, feats, first, 3), chunk_word_tok(words, context, feats, first, 4)
+    a1, b1 = chunk_word_tok(words, context, feats, last, 56), chunk_word_tok(words, context, feats, last, 58)
+    assert None not in (a0, b0, a1, b1)
+    assert chunk_word_tok(words, context, feats, last, 3) is None
+    s_log[first][a0], e_log[first][b0] = 3.0, 3.0
+    s_log[last][a1], e_log[last][b1] = (2.0, 2.0) if winner == "first" else (4.0, 4.0)
+    ans = best_spans(recs, feats, s_log, e_log)[0]
+    lo, hi = (3, 4) if winner == "first" else (56, 58)
+    expected = " ".join(words[lo : hi + 1])
+    assert ans.text == expected
+    assert ans.start == char_of(words, lo) and ans.end == ans.start + len(expected)
+    assert ans.score == pytest.approx(6.0 if winner == "first" else 8.0)
+
+
+def test_span_in_overlap_scored_by_better_chunk(chunked):
+    words, context, recs, feats = chunked
+    c0, c1 = [f for f, ex in enumerate(feats.example_index) if ex == 0][:2]
+    # a word present in both of the first two chunks
+    w = next(
+        i
+        for i in range(len(words))
+        if chunk_word_tok(words, context, feats, c0, i) is not None
+        and chunk_word_tok(words, context, feats, c1, i) is not None
+    )
+    k0, k1 = chunk_word_tok(words, context, feats, c0, w), chunk_word_tok(words, context, feats, c1, w)
+    assert k0 != k1  # same word, different token position
+    s_log, e_log = flat_logits(feats)
+    s_log[c0][k0] = e_log[c0][k0] = 1.0
+    s_log[c1][k1] = e_log[c1][k1] = 2.5
+    ans = best_spans(recs, feats, s_log, e_log)[0]
+    assert ans.text == words[w] and ans.score == pytest.approx(5.0)
+
+
+def test_questions_decoded_independently(chunked):
+    words, context, recs, feats = chunked
+    s_log, e_log = flat_logits(feats)
+    fa = feats.example_index.index(0)
+    fb = feats.example_index.index(1)
+    ka, kb = chunk_word_tok(words, context, feats, fa, 5), chunk_word_tok(words, context, feats, fb, 9)
+    s_log[fa][ka] = e_log[fa][ka] = 1.0
+    s_log[fb][kb] = e_log[fb][kb] = 7.0  # a higher score for question b must not leak into a
+    a, b = best_spans(recs, feats, s_log, e_log)
+    assert (a.text, b.text) == (words[5], words[9])
+    assert (a.score, b.score) == (pytest.approx(2.0), pytest.approx(14.0))
+
+
+def test_null_score_is_min_cls_over_chunks(chunked):
+    words, context, recs, feats = chunked
+    s_log, e_log = flat_logits(feats)
+    cls = [(1.0, 2.0), (-1.0, 0.5), (4.0, -3.0), (0.0, 0.0), (2.0, 2.0)]
+    for i, f in enumerate(f for f, ex in enumerate(feats.example_index) if ex == 0):
+        s_log[f][0], e_log[f][0] = cls[i % len(cls)]
+    for f in (f for f, ex in enumerate(feats.example_index) if ex == 1):
+        s_log[f][0], e_log[f][0] = 3.0, 3.0
+    a, b = best_spans(recs, feats, s_log, e_log)
+    assert a.null_score == pytest.approx(-0.5)  # min(3.0, -0.5, 1.0, ...), not max nor first
+    assert b.null_score == pytest.approx(6.0)
+
+
+def test_question_without_chunks_has_no_answer(tiny):
+    rec, feats = tiny
+    s_log, e_log = flat_logits(feats)
+    other = dict(rec, id="r1")
+    first, second = best_spans([rec, other], feats, s_log, e_log)
+    assert first.start >= 0
+    assert (second.text, second.start, second.score, second.null_score) == ("", -1, -math.inf, math.inf)
+    assert apply_no_answer_threshold([first, second], 1e9) == [first.text, ""]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_matches_brute_force_on_random_logits(chunked, seed):
+    words, context, recs, feats = chunked
+    rng = np.random.default_rng(seed)
+    s_log = [rng.normal(size=len(ids)).astype(np.float32) for ids in feats.input_ids]
+    e_log = [rng.normal(size=len(ids)).astype(np.float32) for ids in feats.input_ids]
+    max_len = int(rng.integers(1, 6))
+    got = best_spans(recs, feats, s_log, e_log, max_answer_length=max_len, n_best=10_000)
+    want = brute_force(recs, feats, s_log, e_log, max_len)
+    for g, (score, text, start, end) in zip(got, want, strict=True):
+        assert g.score == pytest.approx(score, abs=1e-5)
+        assert (g.text, g.start, g.end) == (text, start, end)
+        assert context[g.start : g.end] == g.text
+        assert len(g.text.split()) <= max_len  # one token per word here
+
+
+# --------------------------------------------------------------------------- no-answer threshold
+
+
+def test_apply_no_answer_threshold():
+    answers = [
+        Answer("Paris", 0, 5, score=5.0, null_score=7.0),  # null beats span by 2
+        Answer("Rome", 0, 4, score=5.0, null_score=4.0),  # span beats null
+        Answer("", -1, -1, score=-math.inf, null_score=-3.0),  # no valid span at all
+    ]
+    assert apply_no_answer_threshold(answers, 1.0) == ["", "Rome", ""]
+    assert apply_no_answer_threshold(answers, 2.0) == ["Paris", "Rome", ""]  # strictly greater only
+    assert apply_no_answer_threshold(answers, 3.0) == ["Paris", "Rome", ""]
+    assert apply_no_answer_threshold(answers, -2.0) == ["", "", ""]
+    assert apply_no_answer_threshold([], 0.0) == []
+
+
+def test_threshold_end_to_end(tiny):
+    rec, feats = tiny
+    s_log, e_log = flat_logits(feats)
+    k = tok_of(rec, feats, 0, "420")
+    s_log[0][k], e_log[0][k] = 2.0, 2.0  # span 4.0
+    s_log[0][0], e_log[0][0] = 3.0, 3.0  # null 6.0
+    (ans,) = best_spans([rec], feats, s_log, e_log)
+    assert (ans.score, ans.null_score) == (pytest.approx(4.0), pytest.approx(6.0))
+    assert apply_no_answer_threshold([ans], 1.5) == [""]
+    assert apply_no_answer_threshold([ans], 2.5) == ["420"]
