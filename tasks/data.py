@@ -64,20 +64,14 @@ def _type_name(value: Any) -> str:
 # --------------------------------------------------------------------------- loading
 
 
-def _require(
-    obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], err: Any
-) -> Any:
+def _require(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], err: Any) -> Any:
     """obj[key] with a type check; `err(reason)` builds the exception."""
     if key not in obj:
         raise err(f"missing field '{key}'")
     value = obj[key]
     # bool is an int subclass; never accept it where a number or string is expected
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        names = (
-            kind.__name__
-            if isinstance(kind, type)
-            else "/".join(k.__name__ for k in kind)
-        )
+        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
         raise err(f"field '{key}' must be {names}, got {_type_name(value)}")
     return value
 
@@ -101,20 +95,14 @@ def load_squad_json(path: Path | str) -> tuple[list[Record], str]:
     except FileNotFoundError:
         raise DataValidationError(src, "file not found") from None
     except UnicodeDecodeError as exc:
-        raise DataValidationError(
-            src, f"not valid UTF-8 ({exc.reason} at byte {exc.start})"
-        ) from None
+        raise DataValidationError(src, f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DataValidationError(
-            src, f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
-        ) from None
+        raise DataValidationError(src, f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
 
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
-        raise DataValidationError(
-            src, "no top-level 'data' list (not a SQuAD JSON file?)"
-        )
+        raise DataValidationError(src, "no top-level 'data' list (not a SQuAD JSON file?)")
     header_version = _normalize_version(doc.get("version"))
 
     def at(loc_: str) -> Any:  # error factory for places without a question id
@@ -136,9 +124,7 @@ def load_squad_json(path: Path | str) -> tuple[list[Record], str]:
             for q_idx, qa in enumerate(qas):
                 qloc = f"{ploc}.qas[{q_idx}]"
                 if not isinstance(qa, dict):
-                    raise DataValidationError(
-                        src, f"{qloc}: question must be an object"
-                    )
+                    raise DataValidationError(src, f"{qloc}: question must be an object")
                 qid = _require(qa, "id", str, at(qloc))
 
                 def err(reason: str, qid: str = qid) -> DataValidationError:
@@ -150,9 +136,7 @@ def load_squad_json(path: Path | str) -> tuple[list[Record], str]:
                 starts: list[int] = []
                 for n, ans in enumerate(answers_raw):
                     if not isinstance(ans, dict):
-                        raise err(
-                            f"answers[{n}] must be an object, got {_type_name(ans)}"
-                        )
+                        raise err(f"answers[{n}] must be an object, got {_type_name(ans)}")
 
                     def aerr(reason: str, n: int = n) -> DataValidationError:
                         return err(f"answers[{n}]: {reason}")
@@ -181,9 +165,7 @@ def load_squad_json(path: Path | str) -> tuple[list[Record], str]:
     return records, version
 
 
-def _hub_label(
-    name: str, split: str, config: str | None, kwargs: Mapping[str, Any]
-) -> str:
+def _hub_label(name: str, split: str, config: str | None, kwargs: Mapping[str, Any]) -> str:
     label = name if config is None else f"{name}/{config}"
     if "data_files" in kwargs:
         label += f" (data_files={kwargs['data_files']})"
@@ -209,9 +191,7 @@ def _row_answers(answers: Any, err: Any) -> tuple[list[str], list[int]]:
     return list(texts), list(starts)  # types are checked by `validate`
 
 
-def load_hub_dataset(
-    name: str, split: str, config: str | None = None, **kwargs: Any
-) -> list[Record]:
+def load_hub_dataset(name: str, split: str, config: str | None = None, **kwargs: Any) -> list[Record]:
     """Load a dataset in the HF ``squad`` schema via `datasets.load_dataset` as records.
 
     `name` is a Hub id ("rajpurkar/squad"), a local dataset directory, or a builder
@@ -229,9 +209,7 @@ def load_hub_dataset(
         qid = None if raw_id is None else str(raw_id)
 
         def err(reason: str, i: int = i, qid: str | None = qid) -> DataValidationError:
-            return DataValidationError(
-                label, reason if qid else f"row {i}: {reason}", qid=qid
-            )
+            return DataValidationError(label, reason if qid else f"row {i}: {reason}", qid=qid)
 
         for column in ("id", "context", "question", "answers"):
             if row.get(column) is None:
@@ -250,9 +228,7 @@ def load_hub_dataset(
     return records
 
 
-def ingest(
-    source: str, split: str = "train", config: str | None = None
-) -> tuple[list[Record], str]:
+def ingest(source: str, split: str = "train", config: str | None = None) -> tuple[list[Record], str]:
     """Load `source`: a local SQuAD .json file, a local .jsonl/.parquet/.csv file or
     dataset directory, or a Hub dataset name. Returns (records, version)."""
     path = Path(source)
@@ -261,13 +237,9 @@ def ingest(
         if suffix == ".json":
             return load_squad_json(path)
         if suffix in _BUILDER_BY_SUFFIX:
-            records = load_hub_dataset(
-                _BUILDER_BY_SUFFIX[suffix], split=split, data_files={split: str(path)}
-            )
+            records = load_hub_dataset(_BUILDER_BY_SUFFIX[suffix], split=split, data_files={split: str(path)})
             return records, _infer_version(records)
-        raise DataValidationError(
-            source, f"unsupported file type '{suffix or path.name}'"
-        )
+        raise DataValidationError(source, f"unsupported file type '{suffix or path.name}'")
     if suffix == ".json" or suffix in _BUILDER_BY_SUFFIX:
         raise DataValidationError(source, "file not found")
 
@@ -280,8 +252,7 @@ def ingest(
         if looks_like_path and not path.exists():
             raise DataValidationError(
                 source,
-                "file not found (and not loadable as a dataset: "
-                f"{type(exc).__name__}: {exc})",
+                f"file not found (and not loadable as a dataset: {type(exc).__name__}: {exc})",
             ) from exc
         raise
     return records, _infer_version(records)
@@ -300,9 +271,7 @@ def validate(records: Sequence[Record], source: str) -> None:
     for i, rec in enumerate(records):
         qid = rec.get("id")
         if not isinstance(qid, str) or not qid.strip():
-            raise DataValidationError(
-                source, f"record {i}: empty or missing id ({qid!r})"
-            )
+            raise DataValidationError(source, f"record {i}: empty or missing id ({qid!r})")
 
         def fail(reason: str, qid: str = qid) -> DataValidationError:
             return DataValidationError(source, reason, qid=qid)
@@ -331,16 +300,12 @@ def validate(records: Sequence[Record], source: str) -> None:
         if not isinstance(texts, Sequence) or not isinstance(starts, Sequence):
             raise fail("answers needs 'text' and 'answer_start' lists")
         if len(texts) != len(starts):
-            raise fail(
-                f"answers has {len(texts)} texts but {len(starts)} answer_start values"
-            )
+            raise fail(f"answers has {len(texts)} texts but {len(starts)} answer_start values")
         for n, (text, start) in enumerate(zip(texts, starts, strict=True)):
             if not isinstance(text, str) or not text:
                 raise fail(f"answer {n}: empty answer text ({text!r})")
             if not isinstance(start, int) or isinstance(start, bool):
-                raise fail(
-                    f"answer {n}: answer_start must be int, got {_type_name(start)}"
-                )
+                raise fail(f"answer {n}: answer_start must be int, got {_type_name(start)}")
             end = start + len(text)
             if start < 0 or end > len(context):
                 raise fail(
@@ -359,9 +324,7 @@ def validate(records: Sequence[Record], source: str) -> None:
         if not impossible and not texts:
             raise fail("answerable question (is_impossible false) has no answers")
         if impossible and texts:
-            raise fail(
-                f"unanswerable question (is_impossible true) has {len(texts)} answers"
-            )
+            raise fail(f"unanswerable question (is_impossible true) has {len(texts)} answers")
 
 
 # --------------------------------------------------------------------------- hashing
@@ -391,9 +354,7 @@ def file_md5(path: Path | str) -> str:
 # --------------------------------------------------------------------------- splitting
 
 
-def split_by_article(
-    records: Sequence[Record], val_fraction: float, seed: int
-) -> tuple[list[Record], list[Record]]:
+def split_by_article(records: Sequence[Record], val_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
     """Split into (train, val) by article title so no article is in both.
 
     About round(val_fraction * n_articles) articles (at least one, and at least one left
@@ -402,9 +363,7 @@ def split_by_article(
     """
     if not 0.0 <= val_fraction < 1.0:  # also rejects NaN
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
-    titles = sorted(
-        {r["title"] for r in records}
-    )  # sorted: independent of record order
+    titles = sorted({r["title"] for r in records})  # sorted: independent of record order
     if val_fraction == 0.0 or not titles:
         return list(records), []
     n_val = max(1, round(val_fraction * len(titles)))

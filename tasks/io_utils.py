@@ -47,9 +47,7 @@ def atomic_open(path: Path | str, encoding: str = "utf-8") -> Iterator[TextIO]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
         os.fchmod(fd, _FILE_MODE)
@@ -70,11 +68,7 @@ def atomic_write_text(path: Path | str, text: str, encoding: str = "utf-8") -> N
         fh.write(text)
 
 
-def atomic_write_json(
-    path: Path | str, obj: Any, *, indent: int | None = 2, sort_keys: bool = False
-) -> None:
+def atomic_write_json(path: Path | str, obj: Any, *, indent: int | None = 2, sort_keys: bool = False) -> None:
     """Atomically write `obj` as UTF-8 JSON (serialized first: nothing on failure)."""
-    text = (
-        json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=False) + "\n"
-    )
+    text = json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=False) + "\n"
     atomic_write_text(path, text)

@@ -76,9 +76,7 @@ def _overlap_f1(pred_tokens: list[str], gold_tokens: list[str]) -> float:
 
 def f1(prediction: str, ground_truth: str) -> float:
     """v1.1 token F1; an empty side always scores 0 (even if both are empty)."""
-    return _overlap_f1(
-        normalize_answer(prediction).split(), normalize_answer(ground_truth).split()
-    )
+    return _overlap_f1(normalize_answer(prediction).split(), normalize_answer(ground_truth).split())
 
 
 def f1_v2(prediction: str, ground_truth: str) -> float:
@@ -97,9 +95,7 @@ def _canonical_version(version: str) -> str:
     try:
         return _VERSIONS[str(version).strip()]
     except KeyError:
-        raise ValueError(
-            f"unknown SQuAD version {version!r}; expected '1.1' or '2.0'"
-        ) from None
+        raise ValueError(f"unknown SQuAD version {version!r}; expected '1.1' or '2.0'") from None
 
 
 def _gold_texts(record: Record) -> list[str]:
@@ -169,9 +165,7 @@ def _check_na_probs(
         raise ValueError("na_probs only apply to SQuAD v2.0")
     missing = [qid for qid, s in raw.items() if s is not None and qid not in na_probs]
     if missing:
-        raise ValueError(
-            f"na_probs missing for {len(missing)} predicted questions, e.g. {missing[0]!r}"
-        )
+        raise ValueError(f"na_probs missing for {len(missing)} predicted questions, e.g. {missing[0]!r}")
 
 
 def per_question_scores(
@@ -255,9 +249,7 @@ def score(
         # The sweep uses the raw (un-thresholded) scores, as official.
         for key, idx in (("exact", 0), ("f1", 1)):
             metric = {qid: s[idx] for qid, s in raw.items() if s is not None}
-            best, thresh = _best_threshold(
-                predictions, metric, na_probs, has_ans, total
-            )
+            best, thresh = _best_threshold(predictions, metric, na_probs, has_ans, total)
             out[f"best_{key}"] = best
             out[f"best_{key}_thresh"] = thresh
     return out
@@ -313,6 +305,4 @@ def score_prediction_file(
     if na_prob_path is not None:
         with open(na_prob_path, encoding="utf-8") as fh:
             na_probs = json.load(fh)
-    return score(
-        records, predictions, version, na_probs=na_probs, na_threshold=na_threshold
-    )
+    return score(records, predictions, version, na_probs=na_probs, na_threshold=na_threshold)

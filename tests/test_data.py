@@ -112,9 +112,7 @@ def test_tiny_doc_is_valid(tmp_path: Path) -> None:
         ("dev-v2.0-head.json", "2.0", 1407, 702, 5),
     ],
 )
-def test_real_squad_files(
-    name: str, version: str, n_questions: int, n_impossible: int, n_articles: int
-) -> None:
+def test_real_squad_files(name: str, version: str, n_questions: int, n_impossible: int, n_articles: int) -> None:
     path = SQUAD_DIR / name
     records, got_version = load_squad_json(path)
     validate(records, str(path))
@@ -133,9 +131,7 @@ def test_real_squad_files(
 
 def test_malformed_json_names_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "broken.json"
-    path.write_text(
-        '{\n  "version": "1.1",\n  "data": [\n    {"title": oops}\n  ]\n}\n'
-    )
+    path.write_text('{\n  "version": "1.1",\n  "data": [\n    {"title": oops}\n  ]\n}\n')
     with pytest.raises(DataValidationError) as exc:
         load_squad_json(path)
     msg = str(exc.value)
@@ -168,9 +164,7 @@ def test_missing_question_field(tmp_path: Path) -> None:
     with pytest.raises(DataValidationError) as exc:
         load_squad_json(path)
     msg = str(exc.value)
-    assert (
-        "noquestion.json" in msg and "q2" in msg and "missing field 'question'" in msg
-    )
+    assert "noquestion.json" in msg and "q2" in msg and "missing field 'question'" in msg
     assert exc.value.qid == "q2"
 
 
@@ -257,15 +251,11 @@ def test_missing_answers_and_wrong_types(tmp_path: Path) -> None:
         load_squad_json(write_doc(tmp_path, doc))
     doc = tiny()
     qa(doc)["answers"][0]["answer_start"] = "24"
-    with pytest.raises(
-        DataValidationError, match="'answer_start' must be int, got str"
-    ):
+    with pytest.raises(DataValidationError, match="'answer_start' must be int, got str"):
         load_squad_json(write_doc(tmp_path, doc))
     doc = tiny()
     del doc["data"][0]["paragraphs"][0]["context"]
-    with pytest.raises(
-        DataValidationError, match=r"paragraphs\[0\]: missing field 'context'"
-    ):
+    with pytest.raises(DataValidationError, match=r"paragraphs\[0\]: missing field 'context'"):
         load_squad_json(write_doc(tmp_path, doc))
 
 
@@ -352,33 +342,22 @@ def test_split_by_article(train_records: list[Record]) -> None:
     assert not train_titles & val_titles
     assert len(val_titles) == round(0.2 * 11)
     # union equals input; original order is kept within each split
-    assert sorted(r["id"] for r in train + val) == sorted(
-        r["id"] for r in train_records
-    )
+    assert sorted(r["id"] for r in train + val) == sorted(r["id"] for r in train_records)
     position = {r["id"]: i for i, r in enumerate(train_records)}
     for part in (train, val):
-        assert [position[r["id"]] for r in part] == sorted(
-            position[r["id"]] for r in part
-        )
+        assert [position[r["id"]] for r in part] == sorted(position[r["id"]] for r in part)
     # deterministic for a seed; some other seed picks different articles
     assert split_by_article(train_records, 0.2, seed=13) == (train, val)
-    other = [
-        {r["title"] for r in split_by_article(train_records, 0.2, seed=s)[1]}
-        for s in range(20)
-    ]
+    other = [{r["title"] for r in split_by_article(train_records, 0.2, seed=s)[1]} for s in range(20)]
     assert any(titles != val_titles for titles in other)
 
 
 def test_split_by_article_edges() -> None:
     recs = [record("a", "T1"), record("b", "T1"), record("c", "T2")]
     assert split_by_article(recs, 0.0, seed=1) == (recs, [])
-    train, val = split_by_article(
-        recs, 0.01, seed=1
-    )  # rounds to 0 -> still one article
+    train, val = split_by_article(recs, 0.01, seed=1)  # rounds to 0 -> still one article
     assert len({r["title"] for r in val}) == 1 and train
-    train, val = split_by_article(
-        recs, 0.99, seed=1
-    )  # rounds to 2 -> one left to train
+    train, val = split_by_article(recs, 0.99, seed=1)  # rounds to 2 -> one left to train
     assert len({r["title"] for r in val}) == 1 and train
     assert split_by_article([], 0.5, seed=1) == ([], [])
     for bad in (-0.1, 1.0, 1.5, float("nan")):
@@ -442,22 +421,16 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
-def test_load_hub_dataset_from_local_json_file(
-    tmp_path: Path, hf_offline: Path
-) -> None:
+def test_load_hub_dataset_from_local_json_file(tmp_path: Path, hf_offline: Path) -> None:
     path = write_rows(tmp_path / "rows.jsonl", HF_ROWS)
-    records = load_hub_dataset(
-        "json", split="train", data_files=str(path), cache_dir=str(hf_offline)
-    )
+    records = load_hub_dataset("json", split="train", data_files=str(path), cache_dir=str(hf_offline))
     assert [r["id"] for r in records] == ["h1", "h2"]
     assert records[0]["answers"] == {"text": ["France"], "answer_start": [24]}
     assert [r["is_impossible"] for r in records] == [False, True]
     validate(records, "rows.jsonl")
 
 
-def test_load_hub_dataset_from_local_directory(
-    tmp_path: Path, hf_offline: Path
-) -> None:
+def test_load_hub_dataset_from_local_directory(tmp_path: Path, hf_offline: Path) -> None:
     directory = tmp_path / "my_squad"
     write_rows(directory / "train.jsonl", HF_ROWS[:1])
     records = load_hub_dataset(str(directory), split="train", cache_dir=str(hf_offline))
@@ -470,9 +443,7 @@ def test_load_hub_dataset_from_local_directory(
 def test_load_hub_dataset_missing_column(tmp_path: Path, hf_offline: Path) -> None:
     rows = [{k: v for k, v in HF_ROWS[0].items() if k != "question"}]
     path = write_rows(tmp_path / "noq.jsonl", rows)
-    with pytest.raises(
-        DataValidationError, match="h1: missing column 'question'"
-    ) as exc:
+    with pytest.raises(DataValidationError, match="h1: missing column 'question'") as exc:
         load_hub_dataset("json", split="train", data_files=str(path))
     assert "noq.jsonl" in str(exc.value)
 
@@ -482,9 +453,7 @@ def test_ingest_dispatch(tmp_path: Path, hf_offline: Path) -> None:
     records, version = ingest(str(write_doc(tmp_path, tiny(), "tiny.json")))
     assert version == "1.1" and [r["id"] for r in records] == ["q1", "q2"]
     # JSON-lines file in HF schema -> datasets "json" builder; impossible rows -> 2.0
-    records, version = ingest(
-        str(write_rows(tmp_path / "rows.jsonl", HF_ROWS)), split="dev"
-    )
+    records, version = ingest(str(write_rows(tmp_path / "rows.jsonl", HF_ROWS)), split="dev")
     assert version == "2.0" and [r["id"] for r in records] == ["h1", "h2"]
     # paths that do not exist
     for missing in (

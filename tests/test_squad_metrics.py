@@ -76,13 +76,9 @@ LEADERBOARD_CASES = [
 @pytest.mark.parametrize(
     ("name", "dataset", "em", "f1_expected"),
     LEADERBOARD_CASES,
-    ids=[
-        c[0].split("--")[0] + "-" + c[0].split("--")[1][:24] for c in LEADERBOARD_CASES
-    ],
+    ids=[c[0].split("--")[0] + "-" + c[0].split("--")[1][:24] for c in LEADERBOARD_CASES],
 )
-def test_leaderboard_reproduces_official(
-    name: str, dataset: Path, em: float, f1_expected: float
-) -> None:
+def test_leaderboard_reproduces_official(name: str, dataset: Path, em: float, f1_expected: float) -> None:
     result = score_prediction_file(dataset, LEADERBOARD / name)
     assert round(result["exact_match"], 3) == em
     assert round(result["f1"], 3) == f1_expected
@@ -90,18 +86,14 @@ def test_leaderboard_reproduces_official(
 
 
 def test_leaderboard_v2_breakdown_bert() -> None:
-    result = score_prediction_file(
-        DEV_V2, LEADERBOARD / "v2.0--BERT_single_model_Google_AI_Language.json"
-    )
+    result = score_prediction_file(DEV_V2, LEADERBOARD / "v2.0--BERT_single_model_Google_AI_Language.json")
     assert round(result["HasAns_exact"], 3) == 70.355
     assert round(result["HasAns_f1"], 3) == 76.904
     assert round(result["NoAns_exact"], 3) == 80.769
     assert round(result["NoAns_f1"], 3) == 80.769
     assert (result["HasAns_total"], result["NoAns_total"]) == (705, 702)
     # Overall is the question-weighted mean of the two groups.
-    assert result["exact_match"] == pytest.approx(
-        (705 * result["HasAns_exact"] + 702 * result["NoAns_exact"]) / 1407
-    )
+    assert result["exact_match"] == pytest.approx((705 * result["HasAns_exact"] + 702 * result["NoAns_exact"]) / 1407)
     assert "best_f1" not in result  # only with na_probs
 
 
@@ -155,9 +147,7 @@ def test_exact_match() -> None:
 
 def test_f1_partial_overlap_by_hand() -> None:
     # pred -> [cat, sat, on, mat], gold -> [cat, on, hat]; 2 shared: P = 2/4, R = 2/3.
-    assert f1("the cat sat on the mat", "a cat on a hat") == pytest.approx(
-        2 * 0.5 * (2 / 3) / (0.5 + 2 / 3)
-    )
+    assert f1("the cat sat on the mat", "a cat on a hat") == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
     assert f1("the cat sat on the mat", "a cat on a hat") == pytest.approx(4 / 7)
     # Counter overlap counts repeats only as often as both sides have them: {x: 1, y: 1}.
     assert f1("x x y", "x y y") == pytest.approx(2 / 3)
@@ -171,9 +161,7 @@ def test_f1_empty_v1_vs_v2() -> None:
     assert f1_v2("the", "") == 1.0  # normalizes to empty
     assert f1_v2("Paris", "") == 0.0
     assert f1_v2("", "Paris") == 0.0
-    assert f1_v2("the cat sat on the mat", "a cat on a hat") == f1(
-        "the cat sat on the mat", "a cat on a hat"
-    )
+    assert f1_v2("the cat sat on the mat", "a cat on a hat") == f1("the cat sat on the mat", "a cat on a hat")
 
 
 @pytest.mark.parametrize("version", ["1.1", "2.0"])
@@ -230,9 +218,7 @@ def test_na_threshold_turns_prediction_into_no_answer() -> None:
     flipped = score(records, preds, "2.0", na_probs=na_probs, na_threshold=0.5)
     assert (flipped["HasAns_exact"], flipped["NoAns_exact"]) == (0.0, 100.0)
     assert (flipped["HasAns_f1"], flipped["NoAns_f1"]) == (0.0, 100.0)
-    per_q = per_question_scores(
-        records, preds, "2.0", na_probs=na_probs, na_threshold=0.5
-    )
+    per_q = per_question_scores(records, preds, "2.0", na_probs=na_probs, na_threshold=0.5)
     assert per_q == {"ans": (0.0, 0.0), "no": (1.0, 1.0)}
 
 
@@ -267,9 +253,7 @@ def test_best_threshold_by_hand() -> None:
 
 def test_per_question_scores_consistent_with_score() -> None:
     records, version = load_squad_file_records(DEV_V2)
-    preds = json.loads(
-        (LEADERBOARD / "v2.0--BERT_single_model_Google_AI_Language.json").read_text()
-    )
+    preds = json.loads((LEADERBOARD / "v2.0--BERT_single_model_Google_AI_Language.json").read_text())
     del preds[records[3]["id"]]  # one missing prediction
     na_probs = {r["id"]: (i % 10) / 10 for i, r in enumerate(records)}
     for kwargs in ({}, {"na_probs": na_probs, "na_threshold": 0.55}):
@@ -277,12 +261,8 @@ def test_per_question_scores_consistent_with_score() -> None:
         result = score(records, preds, version, **kwargs)
         assert list(per_q) == [r["id"] for r in records]
         assert all(0.0 <= v <= 1.0 for pair in per_q.values() for v in pair)
-        assert result["exact_match"] == pytest.approx(
-            100 * sum(e for e, _ in per_q.values()) / len(per_q)
-        )
-        assert result["f1"] == pytest.approx(
-            100 * sum(f for _, f in per_q.values()) / len(per_q)
-        )
+        assert result["exact_match"] == pytest.approx(100 * sum(e for e, _ in per_q.values()) / len(per_q))
+        assert result["f1"] == pytest.approx(100 * sum(f for _, f in per_q.values()) / len(per_q))
 
 
 def test_invalid_inputs() -> None:
