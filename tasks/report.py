@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from prefect import task
@@ -15,8 +16,6 @@ from tasks.squad_metrics import score
 
 def leaderboard_scores(leaderboard_dir: Path, records: list[dict], version: str) -> list[tuple[str, float, float]]:
     """Score the official leaderboard predictions of this SQuAD version on exactly these questions."""
-    import json
-
     ids = {r["id"] for r in records}
     rows = []
     for path in sorted(leaderboard_dir.glob(f"v{version}--*.json")):

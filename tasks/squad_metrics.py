@@ -31,7 +31,6 @@ __all__ = [
     "exact_match_v2",
     "f1",
     "f1_v2",
-    "load_squad_file_records",
     "normalize_answer",
     "per_question_scores",
     "score",
@@ -258,39 +257,6 @@ def score(
 # --------------------------------------------------------------------------- files
 
 
-def _flatten_squad(dataset: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Official nested SQuAD JSON (data/paragraphs/qas) -> flat HF-schema records.
-
-    Minimal on purpose: tasks/data.py does the full validation.
-    """
-    records: list[dict[str, Any]] = []
-    for article in dataset["data"]:
-        for paragraph in article["paragraphs"]:
-            for qa in paragraph["qas"]:
-                answers = qa.get("answers", [])
-                records.append(
-                    {
-                        "id": qa["id"],
-                        "title": article.get("title", ""),
-                        "context": paragraph["context"],
-                        "question": qa["question"],
-                        "answers": {
-                            "text": [a["text"] for a in answers],
-                            "answer_start": [a["answer_start"] for a in answers],
-                        },
-                        "is_impossible": bool(qa.get("is_impossible", False)),
-                    }
-                )
-    return records
-
-
-def load_squad_file_records(path: str | Path) -> tuple[list[dict[str, Any]], str]:
-    """Read an official SQuAD JSON file: (flat records, canonical version '1.1' or '2.0')."""
-    with open(path, encoding="utf-8") as fh:
-        dataset = json.load(fh)
-    return _flatten_squad(dataset), _canonical_version(dataset.get("version", ""))
-
-
 def score_prediction_file(
     dataset_path: str | Path,
     prediction_path: str | Path,
@@ -298,7 +264,9 @@ def score_prediction_file(
     na_threshold: float = 1.0,
 ) -> dict[str, float]:
     """Score a ``{id: answer}`` JSON file against an official dataset file (like the scripts)."""
-    records, version = load_squad_file_records(dataset_path)
+    from tasks.data import load_squad_json  # the validating reader
+
+    records, version = load_squad_json(dataset_path)
     with open(prediction_path, encoding="utf-8") as fh:
         predictions = json.load(fh)
     na_probs = None

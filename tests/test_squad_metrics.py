@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
+from tasks.data import load_squad_json
 from tasks.squad_metrics import (
     exact_match,
     exact_match_v2,
     f1,
     f1_v2,
-    load_squad_file_records,
     normalize_answer,
     per_question_scores,
     score,
@@ -97,9 +97,9 @@ def test_leaderboard_v2_breakdown_bert() -> None:
     assert "best_f1" not in result  # only with na_probs
 
 
-def test_load_squad_file_records() -> None:
-    v1, version1 = load_squad_file_records(DEV_V1)
-    v2, version2 = load_squad_file_records(DEV_V2)
+def test_load_squad_json() -> None:
+    v1, version1 = load_squad_json(DEV_V1)
+    v2, version2 = load_squad_json(DEV_V2)
     assert (version1, version2) == ("1.1", "2.0")
     assert (len(v1), len(v2)) == (705, 1407)
     assert all(r["answers"]["text"] and not r["is_impossible"] for r in v1)
@@ -252,7 +252,7 @@ def test_best_threshold_by_hand() -> None:
 
 
 def test_per_question_scores_consistent_with_score() -> None:
-    records, version = load_squad_file_records(DEV_V2)
+    records, version = load_squad_json(DEV_V2)
     preds = json.loads((LEADERBOARD / "v2.0--BERT_single_model_Google_AI_Language.json").read_text())
     del preds[records[3]["id"]]  # one missing prediction
     na_probs = {r["id"]: (i % 10) / 10 for i, r in enumerate(records)}
