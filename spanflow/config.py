@@ -49,7 +49,7 @@ class FeaturesConfig:
 class LoraConfig:
     rank: int = 16
     alpha: int = 32
-    dropout: float = 0.1
+    dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["query", "key", "value", "dense"])
 
 

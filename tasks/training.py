@@ -192,7 +192,7 @@ def train_model(
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 result.steps += 1
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}", refresh=False)
                 if tc.max_steps and result.steps >= tc.max_steps:
                     break
         bar.close()
