@@ -69,7 +69,8 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    early_stopping_patience: int = 1  # epochs without a lower validation loss before stopping
+    early_stopping_patience: int = 2  # epochs without a lower validation loss before stopping
+    select_by: str = "val_f1"  # weights kept at the end: best epoch by val_f1 or val_loss, or the last
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
     group_by_length: bool = True  # batch features of similar length (less padding)
     seed: int = 42
@@ -197,6 +198,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"method.name: unknown method {cfg.method.name!r} (lora, full)")
     if cfg.train.precision not in {"auto", "fp32", "bf16", "fp16"}:
         raise ConfigError(f"train.precision: {cfg.train.precision!r} is not auto|fp32|bf16|fp16")
+    if cfg.train.select_by not in {"val_f1", "val_loss", "last"}:
+        raise ConfigError(f"train.select_by: {cfg.train.select_by!r} is not val_f1|val_loss|last")
+    if cfg.train.early_stopping_patience < 1:
+        raise ConfigError("train.early_stopping_patience: must be >= 1")
     if not 0 <= cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction: {cfg.data.val_fraction} must be in [0, 1)")
     for key in ("epochs", "batch_size", "grad_accum_steps"):

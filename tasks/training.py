@@ -87,6 +87,13 @@ def score_answers(records: list[Record], feats: Features, starts, ends, cfg: Con
     return score(records, {r["id"]: t for r, t in zip(records, texts, strict=True)}, version)
 
 
+def selection_score(stats: EpochStats, select_by: str) -> float | None:
+    """Higher is better; None keeps the last epoch's weights."""
+    if select_by == "last" or stats.val_loss is None:
+        return None
+    return stats.val_f1 if select_by == "val_f1" else -stats.val_loss
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -134,6 +141,7 @@ def train_model(
     result = TrainResult(precision=precision)
     fingerprint = run_fingerprint(cfg)
     best_loss, best_state, bad_epochs, start_epoch = float("inf"), None, 0, 1
+    best_score = float("-inf")
     ckpt = latest_checkpoint(ckpt_dir) if resume else None
     if resume and ckpt is None:
         print(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch")
@@ -155,6 +163,7 @@ def train_model(
             state["steps"],
         )
         best_loss, best_state, bad_epochs = state["best_loss"], state["best_state"], state["bad_epochs"]
+        best_score = state["best_score"]
         result.best_epoch = state["best_epoch"]
         start_epoch = state["epoch"] + 1
         if result.history[-1].val_loss is not None and bad_epochs >= tc.early_stopping_patience:
@@ -215,12 +224,14 @@ def train_model(
         if on_epoch:
             on_epoch(stats)
 
-        if val_loss is not None and val_loss < best_loss - 1e-4:
-            best_loss, best_state, bad_epochs, result.best_epoch = val_loss, trainable_state(model), 0, epoch
-        elif val_loss is not None:
-            bad_epochs += 1
-        else:
-            result.best_epoch = epoch
+        if val_loss is not None:  # early stopping watches the validation loss
+            bad_epochs = 0 if val_loss < best_loss - 1e-4 else bad_epochs + 1
+            best_loss = min(best_loss, val_loss)
+        score = selection_score(stats, tc.select_by)
+        if score is None:  # no validation split, or select_by: last
+            best_state, result.best_epoch = None, epoch
+        elif score > best_score:
+            best_score, best_state, result.best_epoch = score, trainable_state(model), epoch
         _save_checkpoint(
             ckpt_dir / f"epoch-{epoch}.pt",
             {
@@ -236,6 +247,7 @@ def train_model(
                 "train_examples": result.train_examples,
                 "steps": result.steps,
                 "best_loss": best_loss,
+                "best_score": best_score,
                 "best_state": best_state,
                 "best_epoch": result.best_epoch,
                 "bad_epochs": bad_epochs,

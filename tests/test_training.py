@@ -34,7 +34,12 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:Fu
 CPU = torch.device("cpu")
 N_RECORDS = 16
 # a learning rate at which LoRA on the tiny random model visibly learns in a few epochs
-FAST = ["train.learning_rate=1e-2", "train.precision=fp32", "train.early_stopping_patience=100"]
+FAST = [
+    "train.learning_rate=1e-2",
+    "train.precision=fp32",
+    "train.early_stopping_patience=100",
+    "train.select_by=val_loss",
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -395,7 +400,13 @@ def test_checkpoint_from_other_params_is_refused(train, tmp_path: Path, changed:
 # --------------------------------------------------------------------------- early stopping
 
 
-DIVERGE = ["train.learning_rate=5.0", "train.precision=fp32", "train.early_stopping_patience=1", "train.epochs=6"]
+DIVERGE = [
+    "train.learning_rate=5.0",
+    "train.precision=fp32",
+    "train.early_stopping_patience=1",
+    "train.epochs=6",
+    "train.select_by=val_loss",
+]
 
 
 def _stop_epoch(val_losses: list[float], patience: int) -> int:
@@ -492,3 +503,18 @@ def test_export_of_a_full_model_saves_it_as_is(model_dir: Path, feats: Features,
     plain = AutoModelForQuestionAnswering.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         torch.testing.assert_close(plain(**batch).start_logits, model(**batch).start_logits, atol=1e-5, rtol=0)
+
+
+def test_select_by_val_f1_keeps_the_epoch_with_the_best_validation_f1(train) -> None:
+    run = train([*FAST, "train.epochs=4", "train.select_by=val_f1"])
+    f1s = [h.val_f1 for h in run.result.history]
+    best = int(np.argmax(f1s)) + 1  # the first epoch reaching the maximum
+    assert run.result.best_epoch == best
+    _assert_same_weights(trainable_state(run.prepared.model), run.weights[best])
+
+
+def test_select_by_last_keeps_the_last_epoch(train) -> None:
+    run = train([*DIVERGE, "train.select_by=last"])
+    last = len(run.result.history)
+    assert run.result.best_epoch == last
+    _assert_same_weights(trainable_state(run.prepared.model), run.weights[last])
