@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from spanflow.config import ConfigError, load_config
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spanflow: error: {exc}", file=sys.stderr)
         return 2
 
+    # the temporary server's telemetry only logs an error on machines without internet
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.pipeline import qa_pipeline
     from flows.stages import STAGE_FLOWS, evaluate_flow, featurize_flow, prepare_flow, train_flow
     from tasks.data import DataValidationError
