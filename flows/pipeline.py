@@ -1,4 +1,4 @@
-"""The end-to-end Prefect flow `qa-pipeline`: prepare -> featurize -> train -> evaluate -> register."""
+"""The end-to-end Prefect flow `qa-pipeline`: prepare -> tune -> featurize -> train -> evaluate -> register."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from tasks.evaluate import evaluate_task
 from tasks.featurize import featurize_task
 from tasks.register import register_task
 from tasks.report import report_task
+from tasks.search import tune_task
 from tasks.train import train_task
 
 
@@ -19,6 +20,7 @@ from tasks.train import train_task
 def qa_pipeline(params: str = "params.yaml", overrides: list[str] | None = None, resume: bool = False) -> dict:
     cfg = load_config(params, overrides)
     prepare_data(cfg)
+    search = tune_task(cfg)
     featurize_task(cfg)
     trained = train_task(cfg, resume)
     metrics = evaluate_task(cfg)
@@ -27,12 +29,15 @@ def qa_pipeline(params: str = "params.yaml", overrides: list[str] | None = None,
         "MLflow run": f"`{trained['run_id']}` (`mlflow ui --backend-store-uri {cfg.tracking_uri}`)",
         "Prefect flow run": f"`{flow_run.name}` ({flow_run.id})",
     }
-    table = report_task(cfg, metrics, registered, links)
+    if search.get("study"):
+        links["Search (MLflow parent run)"] = f"`{search['mlflow_parent_run_id']}`, study `{search['study']}`"
+    table = report_task(cfg, metrics, registered, links, search)
     create_markdown_artifact(markdown=table, key="qa-results", description="spanflow qa-pipeline results")
     return {
         "metrics": metrics,
         "registered": registered,
         "run_id": trained["run_id"],
+        "search": search,
         "flow_run_id": str(flow_run.id),
         "report": table,
     }

@@ -10,6 +10,7 @@ from tasks.evaluate import evaluate_task
 from tasks.featurize import featurize_task
 from tasks.prepare import ingest_task, split_task, validate_task, version_task
 from tasks.register import register_task
+from tasks.search import tune_task
 from tasks.train import train_task
 
 
@@ -24,6 +25,11 @@ def prepare_data(cfg: Config) -> dict:
 @flow(name="qa-prepare")
 def prepare_flow(params: str = "params.yaml", overrides: list[str] | None = None) -> dict:
     return prepare_data(load_config(params, overrides))
+
+
+@flow(name="qa-tune")
+def tune_flow(params: str = "params.yaml", overrides: list[str] | None = None, workers: int | None = None) -> dict:
+    return tune_task(load_config(params, overrides), workers)
 
 
 @flow(name="qa-featurize")
@@ -48,6 +54,7 @@ def register_flow(params: str = "params.yaml", overrides: list[str] | None = Non
 
 STAGE_FLOWS = {
     "prepare": prepare_flow,
+    "tune": tune_flow,
     "featurize": featurize_flow,
     "train": train_flow,
     "evaluate": evaluate_flow,

@@ -61,7 +61,7 @@ class MethodConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 3
+    epochs: int = 2
     batch_size: int = 16
     grad_accum_steps: int = 1
     learning_rate: float = 1e-3
@@ -75,6 +75,7 @@ class TrainConfig:
     group_by_length: bool = True  # batch features of similar length (less padding)
     seed: int = 42
     num_threads: int | None = None  # torch intra-op threads (None = torch default)
+    include_validation: bool = True  # final model on training + validation articles (no per-epoch validation)
 
 
 @dataclass
@@ -99,6 +100,43 @@ class RegistryConfig:
 
 
 @dataclass
+class SearchSpaceConfig:
+    """The grid: every combination is one point (invalid ones are skipped with a reason)."""
+
+    chunk_length: list[int] = field(default_factory=lambda: [128, 256])
+    overlap: list[int] = field(default_factory=lambda: [32, 64])
+    lora_rank: list[int] = field(default_factory=lambda: [8, 16])
+
+
+@dataclass
+class TrialConfig:
+    """What one trial costs: a seeded sample of the training split, a few epochs."""
+
+    train_questions: int | None = 128  # None = the whole training split
+    epochs: int = 2
+    max_steps: int | None = None
+
+
+@dataclass
+class PrunerConfig:
+    name: str = "median"  # median (Optuna MedianPruner on per-epoch validation F1) | none
+    startup_trials: int = 2  # finished trials before any pruning
+    warmup_epochs: int = 0  # epochs a trial always runs before it can be pruned
+
+
+@dataclass
+class SearchConfig:
+    enabled: bool = True  # false: train with features.* and method.lora.rank as given
+    storage: str = "sqlite:///optuna.db"  # any SQLAlchemy URL; OPTUNA_STORAGE, when set, wins
+    study_name: str = "spanflow-grid"  # a hash of what trials depend on is appended
+    workers: int = 1  # worker processes on this machine
+    heartbeat_seconds: int = 10  # a trial without a heartbeat for 3x this is failed
+    space: SearchSpaceConfig = field(default_factory=SearchSpaceConfig)
+    trial: TrialConfig = field(default_factory=TrialConfig)
+    pruner: PrunerConfig = field(default_factory=PrunerConfig)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -108,6 +146,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -130,6 +169,19 @@ class Config:
     def tracking_uri(self) -> str:
         return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking.tracking_uri
 
+    @property
+    def search_storage(self) -> str:
+        return os.environ.get("OPTUNA_STORAGE") or self.search.storage
+
+    def with_values(self, values: dict[str, Any]) -> Config:
+        """A validated copy with dotted keys replaced, e.g. {"features.overlap": 32}."""
+        raw = self.to_dict()
+        for key, value in values.items():
+            _set_dotted(raw, key, value)
+        cfg = _build(Config, raw)
+        _validate(cfg)
+        return cfg
+
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:
     """Check `value` against the annotated type; ints are accepted where floats are expected."""
@@ -142,8 +194,9 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             return None
         typ = next(t for t in get_args(typ) if t is not type(None))
     if get_origin(typ) is list:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+        item = get_args(typ)[0]
+        if not isinstance(value, list) or not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{key}: expected a list of {item.__name__}, got {value!r}")
         return list(value)
     if typ is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
@@ -176,7 +229,11 @@ def _apply_override(raw: dict[str, Any], assignment: str) -> None:
         value = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {key}: value {text!r} is not valid YAML ({exc})") from exc
-    parts = key.strip().split(".")
+    _set_dotted(raw, key.strip(), value)
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
     node = raw
     for part in parts[:-1]:
         node = node.setdefault(part, {})
@@ -207,6 +264,26 @@ def _validate(cfg: Config) -> None:
     for key in ("epochs", "batch_size", "grad_accum_steps"):
         if getattr(cfg.train, key) < 1:
             raise ConfigError(f"train.{key}: must be >= 1")
+    _validate_search(cfg)
+
+
+def _validate_search(cfg: Config) -> None:
+    s = cfg.search
+    minimum = {"chunk_length": 16, "overlap": 0, "lora_rank": 1}
+    for name, low in minimum.items():
+        values = getattr(s.space, name)
+        if not values:
+            raise ConfigError(f"search.space.{name}: needs at least one value")
+        if len(set(values)) != len(values):
+            raise ConfigError(f"search.space.{name}: {values} repeats a value")
+        if min(values) < low:
+            raise ConfigError(f"search.space.{name}: {min(values)} is below {low}")
+    if s.workers < 1 or s.heartbeat_seconds < 1 or s.trial.epochs < 1:
+        raise ConfigError("search.workers, search.heartbeat_seconds and search.trial.epochs must be >= 1")
+    if s.trial.train_questions is not None and s.trial.train_questions < 1:
+        raise ConfigError("search.trial.train_questions: must be >= 1 or null (all)")
+    if s.pruner.name not in {"median", "none"}:
+        raise ConfigError(f"search.pruner.name: {s.pruner.name!r} is not median|none")
 
 
 def load_config(path: str | Path | None = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Config:

@@ -12,10 +12,11 @@ from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
 from spanflow.config import Config
 from spanflow.paths import MODEL, PREPARED, RESULTS
+from tasks.best_params import final_config
 from tasks.data import read_jsonl
 from tasks.inference import answer_questions, default_device, resolve_precision
 from tasks.io_utils import atomic_write_json
-from tasks.spans import apply_no_answer_threshold
+from tasks.spans import answer_texts
 from tasks.squad_metrics import score
 from tasks.tracking import load_run_ref, setup_mlflow
 from tasks.train import SUMMARY_FILE, peak_rss_mb
@@ -25,6 +26,7 @@ METRICS_FILE = RESULTS / "metrics.json"
 
 
 def evaluate_stage(cfg: Config) -> dict:
+    cfg = final_config(cfg)  # dev chunks split like the final model's training chunks
     records = read_jsonl(PREPARED / "dev.jsonl")
     version = json.loads((PREPARED / "version.json").read_text())["dev"]["squad_version"]
     device = default_device()
@@ -46,7 +48,7 @@ def evaluate_stage(cfg: Config) -> dict:
         precision,
     )
     seconds = time.perf_counter() - t0
-    texts = apply_no_answer_threshold(answers, cfg.eval.no_answer_threshold)
+    texts = answer_texts(answers, version, cfg.eval.no_answer_threshold)
     predictions = {r["id"]: t for r, t in zip(records, texts, strict=True)}
     scores = score(records, predictions, version)
 

@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from spanflow.config import Config
 from spanflow.paths import FEATURES, PREPARED
+from tasks.best_params import final_config
 from tasks.data import read_jsonl
 from tasks.features import chunk_counts, featurize, load_features, save_features
 from tasks.modeling import load_tokenizer
@@ -26,15 +27,25 @@ def features_meta(cfg: Config) -> dict:
         "max_query_length": cfg.features.max_query_length,
         "train_sha256": version["train"]["content_sha256"],
         "split": version["split"],
+        "include_validation": cfg.train.include_validation,
     }
 
 
+def split_records(split: str, include_validation: bool) -> list[dict]:
+    """The records behind a split's chunks; the final model's "train" adds the validation articles."""
+    records = read_jsonl(PREPARED / f"{split}.jsonl")
+    if split == "train" and include_validation:
+        records += read_jsonl(PREPARED / "val.jsonl")
+    return records
+
+
 def featurize_splits(cfg: Config, out_dir: Path = FEATURES) -> dict:
+    cfg = final_config(cfg)
     tokenizer = load_tokenizer(cfg.model)
     meta = features_meta(cfg)
     summary = {}
     for split in ("train", "val"):
-        records = read_jsonl(PREPARED / f"{split}.jsonl")
+        records = split_records(split, cfg.train.include_validation)
         feats = featurize(
             records, tokenizer, cfg.features.chunk_length, cfg.features.overlap, cfg.features.max_query_length
         )

@@ -15,16 +15,82 @@ def learning_curves(history: list[dict], path: Path) -> Path:
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_f1) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
-    if any(h["val_loss"] is not None for h in history):
+    validated = any(h["val_loss"] is not None for h in history)
+    if validated:
         ax_loss.plot(epochs, [h["val_loss"] for h in history], "s-", label="validation loss")
         ax_f1.plot(epochs, [h["val_f1"] for h in history], "o-", label="validation F1")
         ax_f1.plot(epochs, [h["val_exact_match"] for h in history], "s--", label="validation EM")
+    else:  # trained on the validation articles too (train.include_validation)
+        ax_f1.text(0.5, 0.5, "no validation split\n(train.include_validation)", ha="center", va="center")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
     ax_f1.set(xlabel="epoch", ylabel="score (%)", title="Validation EM / F1")
     for ax in (ax_loss, ax_f1):
         ax.grid(alpha=0.3)
-        ax.legend()
         ax.set_xticks(epochs)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def search_heatmaps(rows: list[dict], path: Path) -> Path:
+    """Validation F1 (top) and EM (bottom) over chunk length x overlap, one column per LoRA rank.
+
+    Pruned trials show the score at which they stopped (marked "p"); skipped points are hatched.
+    """
+    import numpy as np
+
+    chunks = sorted({r["chunk_length"] for r in rows})
+    overlaps = sorted({r["overlap"] for r in rows})
+    ranks = sorted({r["lora_rank"] for r in rows})
+    fig, axes = plt.subplots(2, len(ranks), figsize=(3.2 * len(ranks) + 1.5, 6.4), squeeze=False)
+    for row_i, (metric, label) in enumerate((("val_f1", "validation F1"), ("val_exact_match", "validation EM"))):
+        for col, rank in enumerate(ranks):
+            ax = axes[row_i][col]
+            grid = np.full((len(overlaps), len(chunks)), np.nan)
+            notes: dict[tuple[int, int], str] = {}
+            for r in rows:
+                if r["lora_rank"] != rank:
+                    continue
+                cell = (overlaps.index(r["overlap"]), chunks.index(r["chunk_length"]))
+                if r["state"] == "skipped":
+                    notes[cell] = "skipped"
+                elif r["state"] in ("complete", "pruned") and r.get(metric) is not None:
+                    grid[cell] = r[metric]
+                    notes[cell] = f"{r[metric]:.1f}" + (" p" if r["state"] == "pruned" else "")
+                elif cell not in notes:
+                    notes[cell] = r["state"]
+            image = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
+            for (y, x), text in notes.items():
+                ax.text(x, y, text, ha="center", va="center", color="white" if text[0].isdigit() else "black")
+            ax.set_xticks(range(len(chunks)), chunks)
+            ax.set_yticks(range(len(overlaps)), overlaps)
+            ax.set(xlabel="chunk length", ylabel="overlap", title=f"{label}, LoRA rank {rank}")
+            fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def search_durations(rows: list[dict], path: Path) -> Path:
+    """Wall seconds per trial, coloured by outcome."""
+    trials = sorted((r for r in rows if r["state"] != "skipped"), key=lambda r: r["trial"])
+    colours = {"complete": "tab:green", "pruned": "tab:orange", "fail": "tab:red", "running": "tab:gray"}
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(trials) + 1.5))
+    labels = [f"#{r['trial']} {r['point']}" for r in trials]
+    ax.barh(labels, [r["seconds"] or 0 for r in trials], color=[colours.get(r["state"], "tab:gray") for r in trials])
+    for state, colour in colours.items():
+        if any(r["state"] == state for r in trials):
+            ax.barh([], [], color=colour, label=state)
+    ax.invert_yaxis()
+    ax.set(xlabel="seconds", title="Search trial durations")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -15,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from spanflow.config import Config
 from spanflow.paths import MODEL, RESULTS
+from tasks.best_params import final_config
 from tasks.io_utils import atomic_write_json
 from tasks.tracking import load_run_ref, setup_mlflow
 
@@ -37,6 +38,7 @@ def serving_settings(cfg: Config) -> dict:
 
 
 def register_stage(cfg: Config) -> dict:
+    cfg = final_config(cfg)  # the served model splits contexts like it was trained
     setup_mlflow(cfg)
     run_id = load_run_ref()["run_id"]
     name, alias = cfg.registry.model_name, cfg.registry.alias

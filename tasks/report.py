@@ -27,7 +27,25 @@ def leaderboard_scores(leaderboard_dir: Path, records: list[dict], version: str)
     return sorted(rows, key=lambda r: r[2])
 
 
-def results_table(cfg: Config, metrics: dict, registered: dict, links: dict[str, str]) -> str:
+def search_lines(search: dict) -> list[str]:
+    """The grid search's outcome, for the results table."""
+    if not search.get("study"):
+        return ["### Search", "", "disabled (search.enabled: false): params.yaml values used", ""]
+    params = ", ".join(f"`{k}={v}`" for k, v in search["best_params"].items())
+    return [
+        "### Search",
+        "",
+        f"best point {search['best_point']} (validation F1 {search['best_val_f1']:.1f}): {params}",
+        f"{search['trials_complete']} trials complete, {search['trials_pruned']} pruned, "
+        f"{search['points_skipped']} points skipped; {search['wall_seconds']:.0f} s wall, "
+        f"~{search['pruning_saved_seconds']:.0f} s saved by pruning",
+        "",
+    ]
+
+
+def results_table(
+    cfg: Config, metrics: dict, registered: dict, links: dict[str, str], search: dict | None = None
+) -> str:
     records = read_jsonl(PREPARED / "dev.jsonl")
     version = metrics["squad_version"]
     rows = leaderboard_scores(Path(cfg.data.leaderboard_dir), records, version)
@@ -41,6 +59,7 @@ def results_table(cfg: Config, metrics: dict, registered: dict, links: dict[str,
         "| --- | ---: | ---: |",
         *[f"| {name} | {em:.1f} | {f1:.1f} |" for name, em, f1 in rows],
         "",
+        *search_lines(search or {}),
         "### Efficiency",
         "",
         "| figure | value |",

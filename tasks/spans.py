@@ -62,3 +62,11 @@ def best_spans(
 def apply_no_answer_threshold(answers: list[Answer], threshold: float) -> list[str]:
     """SQuAD v2.0: answer "" when the [CLS] score beats the best span by more than `threshold`."""
     return ["" if a.start < 0 or a.null_score - a.score > threshold else a.text for a in answers]
+
+
+def answer_texts(answers: list[Answer], squad_version: str, threshold: float) -> list[str]:
+    """The predicted texts: SQuAD v1.1 questions all have an answer, so the best span always stands
+    (a strong [CLS] score must not blank it); v2.0 abstains by `apply_no_answer_threshold`."""
+    if squad_version == "2.0":
+        return apply_no_answer_threshold(answers, threshold)
+    return [a.text for a in answers]

@@ -17,7 +17,9 @@ from transformers import set_seed
 
 from spanflow.config import Config
 from spanflow.paths import MODEL, PREPARED, RESULTS
+from tasks.best_params import BEST_PARAMS_FILE, final_config
 from tasks.data import read_jsonl
+from tasks.features import Features
 from tasks.featurize import load_split_features
 from tasks.inference import default_device
 from tasks.io_utils import atomic_write_json, atomic_write_text
@@ -66,16 +68,33 @@ def _start_run(cfg: Config, resume: bool) -> mlflow.ActiveRun:
     return mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
 
 
+def _search_tags(cfg: Config) -> dict[str, str]:
+    """Where the chunk length, overlap and rank came from."""
+    if not cfg.search.enabled:
+        return {"search.source": "params.yaml"}
+    info = yaml.safe_load(BEST_PARAMS_FILE.read_text())
+    tags = {"search.source": str(info.get("source"))}
+    for key in ("study", "trial", "mlflow_parent_run_id", "val_f1"):
+        if info.get(key) is not None:
+            tags[f"search.{key}"] = str(info[key])
+    return tags
+
+
 def train_stage(cfg: Config, resume: bool = False) -> dict:
+    """Train the final model: params.yaml with the search's best point, on the training articles
+    (plus the validation articles when train.include_validation, then without per-epoch validation)."""
+    cfg = final_config(cfg)
     tokenizer = load_tokenizer(cfg.model)
     train_feats = load_split_features(cfg, "train")
-    val_feats = load_split_features(cfg, "val")
-    val_records = read_jsonl(PREPARED / "val.jsonl")
+    if cfg.train.include_validation:
+        val_feats, val_records = Features(), []
+    else:
+        val_feats, val_records = load_split_features(cfg, "val"), read_jsonl(PREPARED / "val.jsonl")
 
     with _start_run(cfg, resume) as run:
         save_run_ref(run.info.run_id, run.info.experiment_id)
         mlflow.log_params(cfg.flat())
-        mlflow.set_tags({**_data_tags(), "git_commit": git_commit(), **prefect_tags()})
+        mlflow.set_tags({**_data_tags(), "git_commit": git_commit(), **prefect_tags(), **_search_tags(cfg)})
         mlflow.log_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config/params.resolved.yaml")
 
         set_seed(cfg.train.seed)  # the new QA head and the LoRA adapters start from the seed

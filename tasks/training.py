@@ -22,7 +22,7 @@ from spanflow.config import Config
 from tasks.features import Features, Record
 from tasks.inference import autocast, pad_batch, resolve_precision, run_model
 from tasks.modeling import PreparedModel, load_trainable_state, trainable_state
-from tasks.spans import apply_no_answer_threshold, best_spans
+from tasks.spans import answer_texts, best_spans
 from tasks.squad_metrics import score
 
 
@@ -82,8 +82,8 @@ def run_fingerprint(cfg: Config) -> str:
 
 def score_answers(records: list[Record], feats: Features, starts, ends, cfg: Config) -> dict[str, float]:
     answers = best_spans(records, feats, starts, ends, cfg.eval.max_answer_length, cfg.eval.n_best)
-    texts = apply_no_answer_threshold(answers, cfg.eval.no_answer_threshold)
     version = "2.0" if any(r["is_impossible"] for r in records) else "1.1"
+    texts = answer_texts(answers, version, cfg.eval.no_answer_threshold)
     return score(records, {r["id"]: t for r, t in zip(records, texts, strict=True)}, version)
 
 

@@ -238,3 +238,48 @@ def test_tracking_uri_env_var_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cfg.tracking.tracking_uri == "sqlite:///mlflow.db"  # the configured value itself is untouched
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
     assert cfg.tracking_uri == "sqlite:///mlflow.db"  # empty means unset
+
+
+# --------------------------------------------------------------------------- search section
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("search.space.chunk_length=[128, x]", "search.space.chunk_length"),
+        ("search.space.overlap=[]", "search.space.overlap"),
+        ("search.space.lora_rank=[8, 8]", "search.space.lora_rank"),
+        ("search.space.lora_rank=[0, 8]", "search.space.lora_rank"),
+        ("search.space.chunk_length=128", "search.space.chunk_length"),
+        ("search.pruner.name=hyperband", "search.pruner.name"),
+        ("search.trial.train_questions=0", "search.trial.train_questions"),
+        ("search.workers=0", "search.workers"),
+        ("search.spaces.rank=[1]", "search.spaces"),
+    ],
+)
+def test_bad_search_settings_name_the_key(override: str, named: str) -> None:
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_ranks_are_searched_for_lora_only() -> None:
+    from tasks.grid import grid_points
+
+    lora = grid_points(load_config(None, ["search.space.lora_rank=[4, 8]"]))
+    full = grid_points(load_config(None, ["search.space.lora_rank=[4, 8]", "method.name=full"]))
+    assert len(lora) == 2 * len(full)
+    assert {p.lora_rank for p in full} == {16}  # method.lora.rank, unused by full fine-tuning
+
+
+def test_with_values_replaces_dotted_keys_and_validates() -> None:
+    cfg = load_config(None)
+    new = cfg.with_values({"features.chunk_length": 384, "method.lora.rank": 4})
+    assert (new.features.chunk_length, new.method.lora.rank) == (384, 4)
+    assert cfg.features.chunk_length == 256  # the original is untouched
+    with pytest.raises(ConfigError, match="features.overlap"):
+        cfg.with_values({"features.chunk_length": 128, "features.overlap": 64})
+
+
+def test_optuna_storage_from_the_environment_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPTUNA_STORAGE", "postgresql+psycopg://u@db/optuna")
+    assert load_config(None).search_storage == "postgresql+psycopg://u@db/optuna"

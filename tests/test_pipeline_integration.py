@@ -28,6 +28,10 @@ def _small_params(model_dir: Path) -> dict:
     params["features"].update(chunk_length=96, overlap=32, max_query_length=24)
     params["train"].update(epochs=2, max_steps=6, batch_size=8)
     params["registry"]["model_name"] = "spanflow-qa-test"
+    # 3 trials; (64, 48) leaves 64 - 24 - 3 = 37 context tokens, less than the overlap: skipped
+    params["search"].update(heartbeat_seconds=2, workers=1)
+    params["search"]["space"] = {"chunk_length": [64, 96], "overlap": [32, 48], "lora_rank": [4]}
+    params["search"]["trial"] = {"train_questions": 16, "epochs": 2, "max_steps": None}
     return params
 
 
@@ -76,15 +80,27 @@ def test_qa_pipeline_flow_lands_in_mlflow_prefect_and_registry(project: Path, pr
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
     assert "| system | EM | F1 |" in out["report"] and "Logistic Regression" in out["report"]
 
+    # the search ran first; the final model was trained with its best point on all training articles
+    search = out["search"]
+    assert search["trials_complete"] + search["trials_pruned"] == 3 and search["points_skipped"] == 1
+    best = yaml.safe_load((project / "results/best_params.yaml").read_text())["params"]
+    assert best == search["best_params"]
+
     # MLflow: params, per-epoch metrics, tags, artifacts
     uri = f"sqlite:///{project / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(out["run_id"])
-    assert run.data.params["features.chunk_length"] == "96"
+    assert run.data.params["features.chunk_length"] == str(best["features.chunk_length"])
+    assert run.data.params["features.overlap"] == str(best["features.overlap"])
+    assert run.data.params["train.include_validation"] == "True"
+    assert run.data.tags["search.mlflow_parent_run_id"] == search["mlflow_parent_run_id"]
     assert run.data.params["method.name"] == "lora"
     assert run.data.metrics["dev_f1"] == pytest.approx(metrics["f1"])
-    assert len(client.get_metric_history(run.info.run_id, "val_f1")) >= 1
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) >= 1
+    children = client.search_runs(
+        [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{search['mlflow_parent_run_id']}'"
+    )
+    assert len(children) == 3
     md5 = hashlib.md5((project / "data/squad/train-v1.1-head.json").read_bytes()).hexdigest()
     assert run.data.tags["data.train.dvc_md5"] == md5
     assert len(run.data.tags["data.train.content_sha256"]) == 64
@@ -133,10 +149,14 @@ def test_dvc_repro_runs_the_stages_and_reruns_only_what_changed(project: Path, p
     _git_dvc_init(project)
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_API_URL": prefect_server}
     first = _dvc(project, "repro", env=env)
-    for stage in ("prepare", "featurize", "train", "evaluate", "register"):
+    for stage in ("prepare", "tune", "featurize", "train", "evaluate", "register"):
         assert f"Running stage '{stage}'" in first
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"prepare", "featurize", "train", "evaluate", "register"}
+    assert set(lock["stages"]) == {"prepare", "tune", "featurize", "train", "evaluate", "register"}
+    plots = json.loads(_dvc(project, "plots", "show", "--json", env=env))["data"]
+    assert {"results/search/heatmap.png", "results/search/durations.png"} <= set(plots)
+    bars = plots["Search, validation F1 per grid point"][0]["content"]["data"]["values"]
+    assert {row["point"] for row in bars} == {"c64-o32-r4", "c96-o32-r4", "c96-o48-r4", "c64-o48-r4"}
     metrics_out = _dvc(project, "metrics", "show", env=env)
     f1 = json.loads((project / "results" / "metrics.json").read_text())["f1"]
     assert "results/metrics.json" in metrics_out and "exact_match" in metrics_out and f"{f1:g}"[:4] in metrics_out
@@ -146,7 +166,7 @@ def test_dvc_repro_runs_the_stages_and_reruns_only_what_changed(project: Path, p
     params["eval"]["batch_size"] = 16
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     second = _dvc(project, "repro", env=env)
-    for stage in ("prepare", "featurize", "train"):
+    for stage in ("prepare", "tune", "featurize", "train"):
         assert f"Stage '{stage}' didn't change, skipping" in second
     assert "Running stage 'evaluate'" in second
     assert _dvc(project, "status", env=env).strip().endswith("Data and pipelines are up to date.")

@@ -302,3 +302,12 @@ def test_threshold_end_to_end(tiny):
     assert (ans.score, ans.null_score) == (pytest.approx(4.0), pytest.approx(6.0))
     assert apply_no_answer_threshold([ans], 1.5) == [""]
     assert apply_no_answer_threshold([ans], 2.5) == ["420"]
+
+
+def test_v1_answers_keep_the_best_span_however_strong_the_null_score() -> None:
+    from tasks.spans import answer_texts
+
+    answers = [Answer("Paris", 0, 5, 1.0, 9.0), Answer("", -1, -1, float("-inf"), 3.0)]
+    assert answer_texts(answers, "1.1", 0.0) == ["Paris", ""]
+    assert answer_texts(answers, "2.0", 0.0) == ["", ""]
+    assert answer_texts(answers, "2.0", 10.0) == ["Paris", ""]

@@ -1,0 +1,66 @@
+"""The search grid: chunk_length x overlap x lora_rank points, and the ones that cannot work."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from spanflow.config import Config
+
+SPECIAL_TOKENS = 3  # [CLS] question [SEP] context [SEP]
+
+# grid dimension -> the params.yaml key it sets
+SEARCHED_KEYS = {
+    "chunk_length": "features.chunk_length",
+    "overlap": "features.overlap",
+    "lora_rank": "method.lora.rank",
+}
+
+
+@dataclass(frozen=True, order=True)
+class GridPoint:
+    chunk_length: int
+    overlap: int
+    lora_rank: int
+
+    @property
+    def key(self) -> str:
+        return f"c{self.chunk_length}-o{self.overlap}-r{self.lora_rank}"
+
+    def params(self) -> dict[str, int]:
+        return {"chunk_length": self.chunk_length, "overlap": self.overlap, "lora_rank": self.lora_rank}
+
+    def config_values(self) -> dict[str, int]:
+        """The dotted params.yaml keys this point sets."""
+        return {SEARCHED_KEYS[k]: v for k, v in self.params().items()}
+
+
+def grid_points(cfg: Config) -> list[GridPoint]:
+    """Every combination of the space, in params.yaml order. Ranks only mean something to LoRA:
+    other methods search chunk length x overlap at the configured method.lora.rank."""
+    s = cfg.search.space
+    ranks = s.lora_rank if cfg.method.name == "lora" else [cfg.method.lora.rank]
+    return [GridPoint(*p) for p in itertools.product(s.chunk_length, s.overlap, ranks)]
+
+
+def skip_reason(point: GridPoint, max_query_length: int) -> str | None:
+    """Why this point cannot be trained, or None: the overlap must leave room for new context."""
+    room = point.chunk_length - max_query_length - SPECIAL_TOKENS
+    if point.overlap >= room:
+        return (
+            f"overlap {point.overlap} >= the {room} context tokens a {point.chunk_length}-token chunk keeps "
+            f"after a question of up to {max_query_length} tokens"
+        )
+    return None
+
+
+def split_grid(cfg: Config) -> tuple[list[GridPoint], dict[str, str]]:
+    """(points to train, {key of a skipped point: reason})."""
+    valid, skipped = [], {}
+    for point in grid_points(cfg):
+        reason = skip_reason(point, cfg.features.max_query_length)
+        if reason:
+            skipped[point.key] = reason
+        else:
+            valid.append(point)
+    return valid, skipped

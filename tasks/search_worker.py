@@ -1,0 +1,269 @@
+"""One search worker: claim a grid point, train it on a sample of the training split, score it on the
+validation split, report each epoch's validation F1 to Optuna (which may prune), and log it all as a
+nested MLflow run. The backbone is loaded once per worker and the chunks once per (chunk length,
+overlap)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import socket
+import tempfile
+import threading
+import time
+import traceback
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlflow
+import optuna
+import psutil
+import torch
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState, create_trial
+from transformers import set_seed
+
+from spanflow.config import Config
+from spanflow.paths import PREPARED
+from tasks.data import read_jsonl
+from tasks.features import Features, Record, featurize
+from tasks.grid import GridPoint
+from tasks.grid_claims import ClaimBoard
+from tasks.inference import default_device
+from tasks.modeling import apply_method, load_backbone, load_tokenizer
+from tasks.tracking import setup_mlflow
+from tasks.training import EpochStats, train_model
+
+
+@dataclass(frozen=True)
+class SearchContext:
+    """What every worker of one search session needs (picklable, for spawned processes)."""
+
+    cfg: Config
+    study_name: str
+    storage_url: str
+    parent_run_id: str
+    todo: tuple[tuple[GridPoint, int], ...]  # (point, attempt number) this session may claim
+
+
+def worker_id(pid: int | None = None) -> str:
+    """host:pid of this process, or of another process on this host."""
+    return f"{socket.gethostname()}:{pid or os.getpid()}"
+
+
+def open_storage(url: str, heartbeat_seconds: int) -> optuna.storages.RDBStorage:
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_seconds, grace_period=3 * heartbeat_seconds
+        )
+
+
+def trial_config(cfg: Config, point: GridPoint, num_threads: int | None = None) -> Config:
+    """params.yaml with the point's values and the trial budget (epochs, steps) in place."""
+    t = cfg.search.trial
+    return cfg.with_values(
+        {
+            **point.config_values(),
+            "train.epochs": t.epochs,
+            "train.max_steps": t.max_steps,
+            "train.select_by": "val_f1",
+            "train.num_threads": cfg.train.num_threads or num_threads,
+        }
+    )
+
+
+def sample_questions(records: list[Record], n: int | None, seed: int) -> list[Record]:
+    """A seeded sample of n questions, in their original order (all of them when n is None)."""
+    if n is None or n >= len(records):
+        return records
+    keep = sorted(random.Random(seed).sample(range(len(records)), n))
+    return [records[i] for i in keep]
+
+
+class _Ticker(threading.Thread):
+    """Beats the trial's Optuna heartbeat and samples this process's memory while a trial runs."""
+
+    def __init__(self, storage: optuna.storages.RDBStorage, trial_id: int, heartbeat_seconds: int) -> None:
+        super().__init__(daemon=True)
+        self.storage, self.trial_id, self.every = storage, trial_id, heartbeat_seconds
+        self.stop_event = threading.Event()
+        self.process = psutil.Process()
+        self.peak_rss = self.process.memory_info().rss
+
+    def run(self) -> None:
+        last_beat = 0.0
+        while not self.stop_event.wait(0.25):
+            self.peak_rss = max(self.peak_rss, self.process.memory_info().rss)
+            if time.monotonic() - last_beat >= self.every:
+                self.storage.record_heartbeat(self.trial_id)
+                last_beat = time.monotonic()
+
+    def stop(self) -> float:
+        self.stop_event.set()
+        self.join()
+        return self.peak_rss / 2**20
+
+
+class SearchWorker:
+    def __init__(self, ctx: SearchContext, num_threads: int | None = None) -> None:
+        self.ctx, self.cfg, self.num_threads = ctx, ctx.cfg, num_threads
+        self.worker = worker_id()
+        self.storage = open_storage(ctx.storage_url, ctx.cfg.search.heartbeat_seconds)
+        self.study = optuna.load_study(study_name=ctx.study_name, storage=self.storage, pruner=make_pruner(ctx.cfg))
+        self.study_id = self.storage.get_study_id_from_name(ctx.study_name)
+        self.board = ClaimBoard(ctx.storage_url)
+        self.space = {k: CategoricalDistribution(v) for k, v in asdict(ctx.cfg.search.space).items()}
+        self.tokenizer = load_tokenizer(ctx.cfg.model)
+        self._backbone: torch.nn.Module | None = None
+        self._chunks: dict[tuple[int, int], tuple[Features, Features]] = {}
+        self._records: tuple[list[Record], list[Record]] | None = None
+
+    # --- loaded once per worker -------------------------------------------------------------
+    def backbone(self) -> torch.nn.Module:
+        if self._backbone is None:
+            set_seed(self.cfg.train.seed)  # the QA head starts from the seed
+            self._backbone = load_backbone(self.cfg.model)
+        return self._backbone
+
+    def chunks(self, point: GridPoint) -> tuple[Features, Features, list[Record]]:
+        """(train chunks, validation chunks, validation records), shared by points with equal splitting."""
+        if self._records is None:
+            train = read_jsonl(PREPARED / "train.jsonl")
+            trial = self.cfg.search.trial
+            sample = sample_questions(train, trial.train_questions, self.cfg.data.seed)
+            self._records = (sample, read_jsonl(PREPARED / "val.jsonl"))
+        train, val = self._records
+        key = (point.chunk_length, point.overlap)
+        if key not in self._chunks:
+            q = self.cfg.features.max_query_length
+            self._chunks[key] = tuple(featurize(r, self.tokenizer, *key, q) for r in (train, val))  # type: ignore[assignment]
+        return *self._chunks[key], val
+
+    # --- the loop -----------------------------------------------------------------------------
+    def run(self) -> int:
+        """Train every point of the session's list that this worker wins; returns how many it ran."""
+        setup_mlflow(self.cfg)
+        ran = 0
+        for point, attempt in self.ctx.todo:
+            if self.board.claim(self.ctx.study_name, point.key, attempt, self.worker):
+                self.run_point(point, attempt)
+                ran += 1
+        self.board.dispose()
+        return ran
+
+    def run_point(self, point: GridPoint, attempt: int) -> None:
+        template = create_trial(
+            state=TrialState.RUNNING,
+            params=point.params(),
+            distributions=self.space,
+            user_attrs={"point": point.key, "attempt": attempt, "worker": self.worker, "pid": os.getpid()},
+        )
+        trial_id = self.storage.create_new_trial(self.study_id, template_trial=template)
+        self.storage.record_heartbeat(trial_id)
+        trial = optuna.trial.Trial(self.study, trial_id)
+        self.board.set_trial(self.ctx.study_name, point.key, attempt, trial.number)
+        ticker = _Ticker(self.storage, trial_id, self.cfg.search.heartbeat_seconds)
+        ticker.start()
+        t0 = time.perf_counter()
+        run = mlflow.start_run(
+            experiment_id=mlflow.get_experiment_by_name(self.cfg.tracking.experiment).experiment_id,
+            run_name=f"trial-{trial.number}-{point.key}",
+            parent_run_id=self.ctx.parent_run_id,
+            tags={"optuna.study": self.ctx.study_name, "optuna.trial": str(trial.number), "search.worker": self.worker},
+        )
+        trial.set_user_attr("mlflow_run_id", run.info.run_id)
+        state, value, error = TrialState.FAIL, None, None
+        history: list[EpochStats] = []  # filled epoch by epoch, so a pruned or failed trial keeps its part
+        try:
+            value = self.train_point(point, trial, history)
+            state = TrialState.COMPLETE
+        except optuna.TrialPruned:
+            state = TrialState.PRUNED
+        except Exception as exc:  # one failed point must not stop the search
+            error = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+        finally:
+            seconds = time.perf_counter() - t0
+            peak = ticker.stop()
+            self._finish(trial, state, value, error, history, seconds, peak, point)
+
+    def train_point(self, point: GridPoint, trial: optuna.trial.Trial, history: list[EpochStats]) -> float:
+        """Train and score one point; returns its best validation F1 over the epochs."""
+        cfg = trial_config(self.cfg, point, self.num_threads)
+        train_feats, val_feats, val_records = self.chunks(point)
+        set_seed(cfg.train.seed)  # the adapters start from the seed, whatever ran before
+        prepared = apply_method(copy.deepcopy(self.backbone()), cfg.method)
+        prepared.model.to(default_device())
+        mlflow.log_params(
+            {
+                **point.params(),
+                "train_questions": len(self._records[0]),
+                "train_chunks": len(train_feats),
+                "epochs": cfg.train.epochs,
+                "trainable_params": prepared.trainable_params,
+            }
+        )
+
+        def report(stats: EpochStats) -> None:
+            history.append(stats)
+            metrics = {k: getattr(stats, k) for k in ("val_f1", "val_exact_match", "val_loss", "train_loss")}
+            mlflow.log_metrics(metrics, step=stats.epoch)
+            trial.report(stats.val_f1, stats.epoch)
+            if trial.should_prune():
+                print(f"trial {trial.number} {point.key}: pruned after epoch {stats.epoch} (val F1 {stats.val_f1:.2f})")
+                raise optuna.TrialPruned()
+
+        with tempfile.TemporaryDirectory(prefix="spanflow-trial-") as ckpt:
+            pad_id = self.tokenizer.pad_token_id
+            train_model(prepared, train_feats, val_feats, val_records, cfg, pad_id, Path(ckpt), on_epoch=report)
+        return max(h.val_f1 for h in history)
+
+    def _finish(
+        self,
+        trial: optuna.trial.Trial,
+        state: TrialState,
+        value: float | None,
+        error: str | None,
+        history: list[EpochStats],
+        seconds: float,
+        peak_mb: float,
+        point: GridPoint,
+    ) -> None:
+        """Record the outcome in Optuna (user attrs, state) and close the nested MLflow run."""
+        best = max(history, key=lambda h: h.val_f1) if history else None
+        attrs = {
+            "seconds": round(seconds, 2),
+            "peak_rss_mb": round(peak_mb, 1),
+            "epochs_run": len(history),
+            "epoch_seconds": [round(h.seconds, 2) for h in history],
+            "val_exact_match": best.val_exact_match if best else None,
+            "last_val_f1": history[-1].val_f1 if history else None,
+        }
+        if error:
+            attrs["error"] = error
+        for k, v in attrs.items():
+            trial.set_user_attr(k, v)
+        mlflow.log_metrics({"duration_seconds": seconds, "peak_rss_mb": peak_mb, "epochs_run": float(len(history))})
+        if best:
+            mlflow.log_metrics({"best_val_f1": best.val_f1, "best_val_exact_match": best.val_exact_match})
+        mlflow.set_tag("optuna.state", state.name)
+        mlflow.end_run("FINISHED" if state != TrialState.FAIL else "FAILED")
+        self.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+        shown = f"val F1 {value:.2f}" if value is not None else state.name.lower()
+        print(f"trial {trial.number} {point.key}: {shown} in {seconds:.0f}s (worker {self.worker})")
+
+
+def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
+    p = cfg.search.pruner
+    if p.name == "none":
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(n_startup_trials=p.startup_trials, n_warmup_steps=p.warmup_epochs)
+
+
+def worker_main(ctx: SearchContext, num_threads: int | None) -> None:
+    """Entry point of a spawned worker process."""
+    SearchWorker(ctx, num_threads).run()
