@@ -8,7 +8,7 @@ PostgreSQL alike, so exactly one worker wins each attempt at each point.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, create_engine, delete, insert, select, update
 from sqlalchemy.engine import Engine
@@ -27,6 +27,11 @@ CLAIMS = Table(
 )
 
 
+def utc_now() -> datetime:
+    """Naive UTC: what SQLite and PostgreSQL `timestamp` columns store alike, whatever the host's zone."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
 def make_engine(url: str) -> Engine:
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     return create_engine(url, **kwargs)
@@ -42,7 +47,7 @@ class ClaimBoard:
 
     def claim(self, study: str, point: str, attempt: int, worker: str) -> bool:
         """True for the one worker whose insert of (study, point, attempt) went through."""
-        row = {"study_name": study, "point": point, "attempt": attempt, "worker": worker, "claimed_at": datetime.now()}
+        row = {"study_name": study, "point": point, "attempt": attempt, "worker": worker, "claimed_at": utc_now()}
         try:
             with self.engine.begin() as conn:
                 conn.execute(insert(CLAIMS).values(**row))

@@ -10,6 +10,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def learning_curves(history: list[dict], path: Path) -> Path:
     """Training and validation loss, and validation F1, per epoch."""
     epochs = [h["epoch"] for h in history]
@@ -29,11 +37,7 @@ def learning_curves(history: list[dict], path: Path) -> Path:
         ax.set_xticks(epochs)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def search_heatmaps(rows: list[dict], path: Path) -> Path:
@@ -70,11 +74,7 @@ def search_heatmaps(rows: list[dict], path: Path) -> Path:
             ax.set_yticks(range(len(overlaps)), overlaps)
             ax.set(xlabel="chunk length", ylabel="overlap", title=f"{label}, LoRA rank {rank}")
             fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def search_durations(rows: list[dict], path: Path) -> Path:
@@ -91,8 +91,4 @@ def search_durations(rows: list[dict], path: Path) -> Path:
     ax.set(xlabel="seconds", title="Search trial durations")
     ax.grid(axis="x", alpha=0.3)
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

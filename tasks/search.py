@@ -33,7 +33,7 @@ from spanflow.config import Config
 from spanflow.paths import PREPARED, RESULTS
 from tasks.best_params import write_best_params
 from tasks.grid import SEARCHED_KEYS, GridPoint, split_grid
-from tasks.grid_claims import ClaimBoard
+from tasks.grid_claims import ClaimBoard, utc_now
 from tasks.io_utils import atomic_write_json, atomic_write_text
 from tasks.plots import search_durations, search_heatmaps
 from tasks.search_worker import (
@@ -103,12 +103,12 @@ def plan(study: optuna.Study, board: ClaimBoard, points: list[GridPoint], grace_
     for c in board.claims(study.study_name):
         claims.setdefault(c["point"], []).append(c)
     todo, done, busy = [], [], []
-    now = time.time()
+    now = utc_now()
     for point in points:
         states = [t.state for t in trials.get(point.key, [])]
         point_claims = claims.get(point.key, [])
-        fresh_unstarted = any(
-            c["trial_number"] is None and now - c["claimed_at"].timestamp() < grace_seconds for c in point_claims
+        fresh_unstarted = any(  # claimed a moment ago, its trial about to be created
+            c["trial_number"] is None and (now - c["claimed_at"]).total_seconds() < grace_seconds for c in point_claims
         )
         if any(s in FINISHED for s in states):
             done.append(point)
@@ -181,11 +181,13 @@ def _fail_trials_of(ctx: SearchContext, storage: optuna.storages.RDBStorage, pid
         board.release_unstarted(ctx.study_name, worker_id(pid))
     board.dispose()
     study = optuna.load_study(study_name=ctx.study_name, storage=storage)
+    study_id = storage.get_study_id_from_name(ctx.study_name)
     client = mlflow.MlflowClient()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if t.user_attrs.get("pid") in pids:
-            storage.set_trial_user_attr(t._trial_id, "error", "worker process died")  # before: finished is final
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+            storage.set_trial_user_attr(trial_id, "error", "worker process died")  # first: a finished trial is final
+            storage.set_trial_state_values(trial_id, TrialState.FAIL)
             if run_id := t.user_attrs.get("mlflow_run_id"):
                 client.set_terminated(run_id, "KILLED")
             print(f"trial {t.number} {t.user_attrs.get('point')}: failed, its worker (pid {t.user_attrs['pid']}) died")
@@ -372,8 +374,9 @@ def tune_stage(cfg: Config, workers: int | None = None) -> dict[str, Any]:
                 "mlflow_parent_run_id": parent,
             },
         )
+    best_f1 = f"{summary['best_val_f1']:.2f}" if summary["best_val_f1"] is not None else "-"
     print(
-        f"search: best {summary['best_point']} val F1 {summary['best_val_f1']}; "
+        f"search: best {summary['best_point']} val F1 {best_f1}; "
         f"{summary['trials_complete']} complete, {summary['trials_pruned']} pruned, {summary['trials_failed']} failed; "
         f"{summary['wall_seconds']:.0f}s wall, ~{summary['pruning_saved_seconds']:.0f}s saved by pruning"
     )

@@ -140,7 +140,7 @@ class SearchWorker:
         key = (point.chunk_length, point.overlap)
         if key not in self._chunks:
             q = self.cfg.features.max_query_length
-            self._chunks[key] = tuple(featurize(r, self.tokenizer, *key, q) for r in (train, val))  # type: ignore[assignment]
+            self._chunks[key] = (featurize(train, self.tokenizer, *key, q), featurize(val, self.tokenizer, *key, q))
         return *self._chunks[key], val
 
     # --- the loop -----------------------------------------------------------------------------
