@@ -41,17 +41,17 @@ def learning_curves(history: list[dict], path: Path) -> Path:
 
 
 def search_heatmaps(rows: list[dict], path: Path) -> Path:
-    """Validation F1 (top) and EM (bottom) over chunk length x overlap, one column per LoRA rank.
-
-    Pruned trials show the score at which they stopped (marked "p"); skipped points are hatched.
-    """
+    """Validation F1 (top) and EM (bottom) over chunk length x overlap, one column per LoRA rank,
+    one colour scale per row. Pruned trials show the score they stopped at (marked "p")."""
     import numpy as np
 
     chunks = sorted({r["chunk_length"] for r in rows})
     overlaps = sorted({r["overlap"] for r in rows})
     ranks = sorted({r["lora_rank"] for r in rows})
-    fig, axes = plt.subplots(2, len(ranks), figsize=(3.2 * len(ranks) + 1.5, 6.4), squeeze=False)
+    fig, axes = plt.subplots(2, len(ranks), figsize=(3.4 * len(ranks) + 1.2, 6.4), squeeze=False, layout="constrained")
     for row_i, (metric, label) in enumerate((("val_f1", "validation F1"), ("val_exact_match", "validation EM"))):
+        scored = [r[metric] for r in rows if r["state"] in ("complete", "pruned") and r.get(metric) is not None]
+        low, high = (min(scored), max(scored)) if scored else (0.0, 1.0)
         for col, rank in enumerate(ranks):
             ax = axes[row_i][col]
             grid = np.full((len(overlaps), len(chunks)), np.nan)
@@ -60,21 +60,24 @@ def search_heatmaps(rows: list[dict], path: Path) -> Path:
                 if r["lora_rank"] != rank:
                     continue
                 cell = (overlaps.index(r["overlap"]), chunks.index(r["chunk_length"]))
-                if r["state"] == "skipped":
-                    notes[cell] = "skipped"
-                elif r["state"] in ("complete", "pruned") and r.get(metric) is not None:
+                if r["state"] in ("complete", "pruned") and r.get(metric) is not None:
                     grid[cell] = r[metric]
                     notes[cell] = f"{r[metric]:.1f}" + (" p" if r["state"] == "pruned" else "")
                 elif cell not in notes:
-                    notes[cell] = r["state"]
-            image = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
+                    notes[cell] = r["state"]  # skipped, fail, running
+            image = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto", vmin=low, vmax=high)
             for (y, x), text in notes.items():
-                ax.text(x, y, text, ha="center", va="center", color="white" if text[0].isdigit() else "black")
+                bright = not np.isnan(grid[y, x]) and (grid[y, x] - low) > 0.6 * (high - low)
+                dark_cell = not np.isnan(grid[y, x]) and not bright
+                ax.text(x, y, text, ha="center", va="center", color="white" if dark_cell else "black")
             ax.set_xticks(range(len(chunks)), chunks)
             ax.set_yticks(range(len(overlaps)), overlaps)
             ax.set(xlabel="chunk length", ylabel="overlap", title=f"{label}, LoRA rank {rank}")
-            fig.colorbar(image, ax=ax, fraction=0.046)
-    return _save(fig, path)
+        fig.colorbar(image, ax=list(axes[row_i]), fraction=0.046)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def search_durations(rows: list[dict], path: Path) -> Path:

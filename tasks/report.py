@@ -37,7 +37,7 @@ def search_lines(search: dict) -> list[str]:
         "",
         f"best point {search['best_point']} (validation F1 {search['best_val_f1']:.1f}): {params}",
         f"{search['trials_complete']} trials complete, {search['trials_pruned']} pruned, "
-        f"{search['points_skipped']} points skipped; {search['wall_seconds']:.0f} s wall, "
+        f"{search['points_skipped']} points skipped; {search['wall_seconds_total']:.0f} s wall, "
         f"~{search['pruning_saved_seconds']:.0f} s saved by pruning",
         "",
     ]

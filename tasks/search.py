@@ -303,7 +303,8 @@ def _summarize(study: optuna.Study, rows: list[dict], points: list[GridPoint], w
         "best_val_f1": best["val_f1"] if best else None,
         "best_val_exact_match": best["val_exact_match"] if best else None,
         "best_params": {SEARCHED_KEYS[k]: best[k] for k in SEARCHED_KEYS} if best else None,
-        "wall_seconds": round(wall, 1),
+        "wall_seconds": round(wall, 1),  # this run of the search
+        "wall_seconds_total": round(study.user_attrs["wall_seconds_total"], 1),  # all runs of this study
         "trial_seconds_total": round(sum(r["seconds"] or 0 for r in trials), 1),
         "pruning_saved_seconds": round(sum(r["saved_seconds"] or 0 for r in trials), 1),
     }
@@ -357,7 +358,9 @@ def tune_stage(cfg: Config, workers: int | None = None) -> dict[str, Any]:
     _wait_for_others(study, points, grace)
 
     rows = trial_rows(study, cfg, skipped)
-    summary = _summarize(study, rows, points, time.perf_counter() - t0)
+    wall = time.perf_counter() - t0
+    study.set_user_attr("wall_seconds_total", study.user_attrs.get("wall_seconds_total", 0.0) + wall)
+    summary = _summarize(study, rows, points, wall)
     _write_outputs(rows, summary)
     missing = summary["points_missing"]
     _log_parent(cfg, parent, summary, url, failed=bool(missing))
@@ -378,7 +381,8 @@ def tune_stage(cfg: Config, workers: int | None = None) -> dict[str, Any]:
     print(
         f"search: best {summary['best_point']} val F1 {best_f1}; "
         f"{summary['trials_complete']} complete, {summary['trials_pruned']} pruned, {summary['trials_failed']} failed; "
-        f"{summary['wall_seconds']:.0f}s wall, ~{summary['pruning_saved_seconds']:.0f}s saved by pruning"
+        f"{summary['wall_seconds']:.0f}s wall ({summary['wall_seconds_total']:.0f}s over all runs of the study), "
+        f"~{summary['pruning_saved_seconds']:.0f}s saved by pruning"
     )
     if missing:
         raise SearchIncomplete(
