@@ -167,11 +167,18 @@ class Config:
 
     @property
     def tracking_uri(self) -> str:
-        return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking.tracking_uri
+        return absolute_sqlite(os.environ.get("MLFLOW_TRACKING_URI") or self.tracking.tracking_uri)
 
     @property
     def search_storage(self) -> str:
-        return os.environ.get("OPTUNA_STORAGE") or self.search.storage
+        return absolute_sqlite(os.environ.get("OPTUNA_STORAGE") or self.search.storage)
+
+    def get(self, dotted: str) -> Any:
+        """The value of a dotted key, e.g. "method.lora.rank"."""
+        node: Any = self
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        return node
 
     def with_values(self, values: dict[str, Any]) -> Config:
         """A validated copy with dotted keys replaced, e.g. {"features.overlap": 32}."""
@@ -181,6 +188,15 @@ class Config:
         cfg = _build(Config, raw)
         _validate(cfg)
         return cfg
+
+
+def absolute_sqlite(url: str) -> str:
+    """`sqlite:///mlflow.db` means the file in the current directory: say so with an absolute path, so
+    that one URL names one file (MLflow caches its stores by URL for the life of the process)."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and ":memory:" not in url:
+        return prefix + str(Path(url[len(prefix) :]).resolve())
+    return url
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:

@@ -54,13 +54,14 @@ def skip_reason(point: GridPoint, max_query_length: int) -> str | None:
     return None
 
 
-def split_grid(cfg: Config) -> tuple[list[GridPoint], dict[str, str]]:
-    """(points to train, {key of a skipped point: reason})."""
-    valid, skipped = [], {}
+def split_grid(cfg: Config) -> tuple[list[GridPoint], dict[GridPoint, str]]:
+    """(points to train, {skipped point: reason})."""
+    valid: list[GridPoint] = []
+    skipped: dict[GridPoint, str] = {}
     for point in grid_points(cfg):
         reason = skip_reason(point, cfg.features.max_query_length)
         if reason:
-            skipped[point.key] = reason
+            skipped[point] = reason
         else:
             valid.append(point)
     return valid, skipped

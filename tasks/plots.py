@@ -11,7 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:  # figures made with layout="constrained" lay themselves out
+        fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -74,10 +75,7 @@ def search_heatmaps(rows: list[dict], path: Path) -> Path:
             ax.set_yticks(range(len(overlaps)), overlaps)
             ax.set(xlabel="chunk length", ylabel="overlap", title=f"{label}, LoRA rank {rank}")
         fig.colorbar(image, ax=list(axes[row_i]), fraction=0.046)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def search_durations(rows: list[dict], path: Path) -> Path:

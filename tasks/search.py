@@ -211,7 +211,7 @@ def _wait_for_others(study: optuna.Study, points: list[GridPoint], grace_seconds
         time.sleep(min(10, grace_seconds))
 
 
-def trial_rows(study: optuna.Study, cfg: Config, skipped: dict[str, str]) -> list[dict[str, Any]]:
+def trial_rows(study: optuna.Study, cfg: Config, skipped: dict[GridPoint, str]) -> list[dict[str, Any]]:
     """One row per trial, plus one per skipped point: the table behind the plots."""
     rows = []
     for t in study.get_trials(deepcopy=False):
@@ -238,19 +238,8 @@ def trial_rows(study: optuna.Study, cfg: Config, skipped: dict[str, str]) -> lis
             row["saved_seconds"] = round(left * sum(epoch_seconds) / len(epoch_seconds), 2)
             row["note"] = f"pruned after epoch {len(epoch_seconds)}"
         rows.append(row)
-    for key, reason in skipped.items():
-        c, o, r = (int(part[1:]) for part in key.split("-"))
-        rows.append(
-            {
-                "trial": None,
-                "point": key,
-                "chunk_length": c,
-                "overlap": o,
-                "lora_rank": r,
-                "state": "skipped",
-                "note": reason,
-            }
-        )
+    for point, reason in skipped.items():
+        rows.append({"trial": None, "point": point.key, **point.params(), "state": "skipped", "note": reason})
     return rows
 
 
@@ -330,19 +319,19 @@ def _log_parent(cfg: Config, run_id: str, summary: dict, storage_url: str, faile
 def tune_stage(cfg: Config, workers: int | None = None) -> dict[str, Any]:
     """Run (or resume) the grid search; write best_params.yaml; raise SearchIncomplete on failed points."""
     if not cfg.search.enabled:
-        params = {dotted: _get(cfg, dotted) for dotted in SEARCHED_KEYS.values()}
+        params = {dotted: cfg.get(dotted) for dotted in SEARCHED_KEYS.values()}
         write_best_params(params, {"source": "params.yaml (search.enabled is false)"})
         return {"best_params": params, "study": None}
 
     t0 = time.perf_counter()
     points, skipped = split_grid(cfg)
-    for key, reason in skipped.items():
-        print(f"grid point {key}: skipped, {reason}")
+    for point, reason in skipped.items():
+        print(f"grid point {point.key}: skipped, {reason}")
     url = cfg.search_storage
     storage = open_storage(url, cfg.search.heartbeat_seconds)
     name = study_name(cfg)
     study = _open_study(cfg, name, storage)
-    study.set_user_attr("skipped_points", skipped)
+    study.set_user_attr("skipped_points", {p.key: reason for p, reason in skipped.items()})
     board = ClaimBoard(url)
     grace = 3 * cfg.search.heartbeat_seconds
     work = plan(study, board, points, grace)
@@ -390,13 +379,6 @@ def tune_stage(cfg: Config, workers: int | None = None) -> dict[str, Any]:
             "to train only these points"
         )
     return {**summary, "mlflow_parent_run_id": parent}
-
-
-def _get(cfg: Config, dotted: str) -> Any:
-    node: Any = cfg
-    for part in dotted.split("."):
-        node = getattr(node, part)
-    return node
 
 
 tune_task = task(tune_stage, name="tune", cache_policy=NO_CACHE)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,14 @@ RUN_FILE = MODEL / "run.json"
 
 def setup_mlflow(cfg: Config) -> str:
     """Point MLflow at the tracking store and the experiment; return the experiment id."""
+    user_uri = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(cfg.tracking_uri)
+    # MLflow also exports the URI to the environment, where it would outrank params.yaml for every
+    # later config in this process: only the user's own setting may stay there
+    if user_uri is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = user_uri
     exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
     if exp is None:
         root = cfg.tracking.artifact_root

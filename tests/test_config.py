@@ -232,12 +232,13 @@ def test_flat_has_dotted_keys_for_every_leaf() -> None:
 def test_tracking_uri_env_var_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = load_config(REPO_PARAMS)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert cfg.tracking_uri == cfg.tracking.tracking_uri == "sqlite:///mlflow.db"
+    local = f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    assert cfg.tracking.tracking_uri == "sqlite:///mlflow.db" and cfg.tracking_uri == local
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
     assert cfg.tracking_uri == "http://mlflow.example:5000"
     assert cfg.tracking.tracking_uri == "sqlite:///mlflow.db"  # the configured value itself is untouched
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
-    assert cfg.tracking_uri == "sqlite:///mlflow.db"  # empty means unset
+    assert cfg.tracking_uri == local  # empty means unset
 
 
 # --------------------------------------------------------------------------- search section
@@ -283,3 +284,14 @@ def test_with_values_replaces_dotted_keys_and_validates() -> None:
 def test_optuna_storage_from_the_environment_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPTUNA_STORAGE", "postgresql+psycopg://u@db/optuna")
     assert load_config(None).search_storage == "postgresql+psycopg://u@db/optuna"
+
+
+def test_relative_sqlite_urls_name_a_file_in_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None)
+    assert cfg.tracking_uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert cfg.search_storage == f"sqlite:///{tmp_path.resolve() / 'optuna.db'}"
+    other = load_config(None, ["tracking.tracking_uri=http://mlflow.internal:5000"])
+    assert other.tracking_uri == "http://mlflow.internal:5000"

@@ -238,13 +238,13 @@ def test_two_worker_processes_never_repeat_a_point_and_a_killed_one_is_failed(
     assert len(study.trials) == len(VALID) + len(failed)
 
 
-def test_saved_time_of_a_pruned_trial_is_its_missing_epochs(project: Path) -> None:
+def test_saved_time_of_a_pruned_trial_is_its_missing_epochs() -> None:
     from optuna.distributions import CategoricalDistribution
     from optuna.trial import create_trial
 
     from tasks.search import trial_rows
 
-    cfg = load_config("params.yaml", ["search.trial.epochs=4"])
+    cfg = load_config(None, ["search.trial.epochs=4"])
     study = optuna.create_study(direction="maximize")
     dists = {
         "chunk_length": CategoricalDistribution([64]),
