@@ -1,4 +1,5 @@
-"""The end-to-end Prefect flow `qa-pipeline`: prepare -> tune -> featurize -> train -> evaluate -> register."""
+"""The end-to-end Prefect flow `qa-pipeline`: prepare -> tune -> featurize -> train -> evaluate -> register
+-> promote. Promotion is the last step, so a run that fails earlier moves no alias."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from flows.stages import prepare_data
 from spanflow.config import load_config
 from tasks.evaluate import evaluate_task
 from tasks.featurize import featurize_task
+from tasks.promote import promote_task
 from tasks.register import register_task
 from tasks.report import report_task
 from tasks.search import tune_task
@@ -25,17 +27,19 @@ def qa_pipeline(params: str = "params.yaml", overrides: list[str] | None = None,
     trained = train_task(cfg, resume)
     metrics = evaluate_task(cfg)
     registered = register_task(cfg)
+    promotion = promote_task(cfg)
     links = {
         "MLflow run": f"`{trained['run_id']}` (`mlflow ui --backend-store-uri {cfg.tracking_uri}`)",
         "Prefect flow run": f"`{flow_run.name}` ({flow_run.id})",
     }
     if search.get("study"):
         links["Search (MLflow parent run)"] = f"`{search['mlflow_parent_run_id']}`, study `{search['study']}`"
-    table = report_task(cfg, metrics, registered, links, search)
+    table = report_task(cfg, metrics, registered, links, search, promotion)
     create_markdown_artifact(markdown=table, key="qa-results", description="spanflow qa-pipeline results")
     return {
         "metrics": metrics,
         "registered": registered,
+        "promotion": promotion,
         "run_id": trained["run_id"],
         "search": search,
         "flow_run_id": str(flow_run.id),

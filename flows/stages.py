@@ -9,6 +9,7 @@ from spanflow.config import Config, load_config
 from tasks.evaluate import evaluate_task
 from tasks.featurize import featurize_task
 from tasks.prepare import ingest_task, split_task, validate_task, version_task
+from tasks.promote import promote_task
 from tasks.register import register_task
 from tasks.search import tune_task
 from tasks.train import train_task
@@ -52,6 +53,11 @@ def register_flow(params: str = "params.yaml", overrides: list[str] | None = Non
     return register_task(load_config(params, overrides))
 
 
+@flow(name="qa-promote")
+def promote_flow(params: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+    return promote_task(load_config(params, overrides))
+
+
 STAGE_FLOWS = {
     "prepare": prepare_flow,
     "tune": tune_flow,
@@ -59,4 +65,5 @@ STAGE_FLOWS = {
     "train": train_flow,
     "evaluate": evaluate_flow,
     "register": register_flow,
+    "promote": promote_flow,
 }

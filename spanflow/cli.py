@@ -1,4 +1,7 @@
-"""`spanflow run | train | evaluate | stage NAME`, each with --params FILE and repeatable --set key=value."""
+"""spanflow: the qa-pipeline and its stages, the model registry, serving and schedules.
+
+Every command takes --params FILE and repeatable --set key=value.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import sys
 
 from spanflow.config import ConfigError, load_config
 
-STAGES = ("prepare", "tune", "featurize", "train", "evaluate", "register")
+STAGES = ("prepare", "tune", "featurize", "train", "evaluate", "register", "promote")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -27,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spanflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _common(
-        sub.add_parser("run", help="the whole qa-pipeline flow: prepare, tune, featurize, train, evaluate, register")
+        sub.add_parser(
+            "run", help="the whole qa-pipeline flow: prepare, tune, featurize, train, evaluate, register, promote"
+        )
     )
     p = sub.add_parser("tune", help="prepare, then the grid search (resumes a study that was cut short)")
     _common(p)
@@ -41,7 +46,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stage", help="one pipeline stage as its own Prefect flow (what dvc.yaml runs)")
     p.add_argument("name", choices=STAGES)
     _common(p)
+
+    p = sub.add_parser("promote", help="move the champion alias to a model version by hand, recording who and why")
+    p.add_argument("--version", type=int, required=True, help="registered model version")
+    p.add_argument("--reason", required=True, help="why, kept as a model-version tag")
+    _common(p)
+    _common(sub.add_parser("registry", help="list the registered model's versions, aliases and dev EM/F1"))
+    p = sub.add_parser("predict", help="answer one question over a context file of any length")
+    p.add_argument("--question", required=True)
+    p.add_argument("--context-file", required=True, help="UTF-8 text file holding the context")
+    p.add_argument("--model-uri", default=None, help="default: models:/<registry.model_name>@<champion alias>")
+    _common(p)
+    p = sub.add_parser("serve", help="serve a registered model over HTTP (mlflow models serve)")
+    p.add_argument("--model-uri", default=None, help="default: models:/<registry.model_name>@<champion alias>")
+    p.add_argument("--host", default=None, help="default: serving.host (127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="default: serving.port")
+    _common(p)
+    _common(sub.add_parser("deploy", help="serve qa-pipeline as a Prefect deployment on schedule.cron"))
     return parser
+
+
+def _registry_command(args: argparse.Namespace) -> None:
+    from tasks import registry_cli
+
+    cfg = load_config(args.params, args.overrides)
+    if args.command == "promote":
+        registry_cli.promote_by_hand(cfg, args.version, args.reason)
+    elif args.command == "registry":
+        print(registry_cli.versions_table(cfg))
+    elif args.command == "predict":
+        print(registry_cli.predict_file(cfg, args.question, args.context_file, args.model_uri))
+    else:
+        registry_cli.serve(cfg, args.model_uri, args.host, args.port)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,13 +90,21 @@ def main(argv: list[str] | None = None) -> int:
 
     # the temporary server's telemetry only logs an error on machines without internet
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from mlflow.exceptions import MlflowException
+
     from flows.pipeline import qa_pipeline
     from flows.stages import STAGE_FLOWS, evaluate_flow, featurize_flow, prepare_flow, train_flow, tune_flow
     from tasks.data import DataValidationError
     from tasks.search import SearchIncomplete
 
     try:
-        if args.command == "run":
+        if args.command in ("promote", "registry", "predict", "serve"):
+            _registry_command(args)
+        elif args.command == "deploy":
+            from flows.deploy import serve_pipeline
+
+            serve_pipeline(args.params, args.overrides)
+        elif args.command == "run":
             print(qa_pipeline(args.params, args.overrides)["report"])
         elif args.command == "tune":
             if args.workers is not None and args.workers < 1:
@@ -76,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             evaluate_flow(args.params, args.overrides)
         else:
             STAGE_FLOWS[args.name](args.params, args.overrides)
-    except (ConfigError, DataValidationError, FileNotFoundError, ValueError, SearchIncomplete) as exc:
+    except (ConfigError, DataValidationError, FileNotFoundError, ValueError, SearchIncomplete, MlflowException) as exc:
         print(f"spanflow: error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -8,6 +8,7 @@ import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
@@ -96,7 +97,29 @@ class TrackingConfig:
 @dataclass
 class RegistryConfig:
     model_name: str = "spanflow-qa"
-    alias: str = "challenger"
+    alias: str = "challenger"  # every newly evaluated version
+    champion_alias: str = "champion"  # the version that serves; moves only through the gate or `spanflow promote`
+    min_gain: float = 0.0  # dev F1 points the 95% interval's lower bound must exceed
+    bootstrap_resamples: int = 2000  # paired bootstrap over dev questions (>= 1000)
+    confidence: float = 0.95
+    seed: int = 0
+
+
+@dataclass
+class ServingConfig:
+    host: str = "127.0.0.1"  # `spanflow serve`; 0.0.0.0 exposes the model to the network
+    port: int = 5001
+    max_batch: int = 32  # rows per request; more is answered with HTTP 400
+    precision: str = "fp32"  # fp32 | bf16: what the served model computes in
+
+
+@dataclass
+class ScheduleConfig:
+    deployment: str = "scheduled"  # `prefect deployment run qa-pipeline/<deployment>`
+    cron: str = "0 3 * * *"
+    timezone: str = "UTC"
+    retries: int = 1  # a failed scheduled run is retried this many times
+    retry_delay_seconds: int = 300
 
 
 @dataclass
@@ -147,6 +170,8 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -281,6 +306,36 @@ def _validate(cfg: Config) -> None:
         if getattr(cfg.train, key) < 1:
             raise ConfigError(f"train.{key}: must be >= 1")
     _validate_search(cfg)
+    _validate_registry_serving_schedule(cfg)
+
+
+def _validate_registry_serving_schedule(cfg: Config) -> None:
+    r, sv, sc = cfg.registry, cfg.serving, cfg.schedule
+    if r.alias == r.champion_alias:
+        raise ConfigError(f"registry.champion_alias: {r.champion_alias!r} must differ from registry.alias")
+    if r.bootstrap_resamples < 1000:
+        raise ConfigError(f"registry.bootstrap_resamples: {r.bootstrap_resamples} is below 1000")
+    if not 0.5 < r.confidence < 1:
+        raise ConfigError(f"registry.confidence: {r.confidence} must be in (0.5, 1)")
+    if sv.max_batch < 1:
+        raise ConfigError("serving.max_batch: must be >= 1")
+    if not 0 < sv.port < 65536:
+        raise ConfigError(f"serving.port: {sv.port} is not a TCP port")
+    if sv.precision not in {"fp32", "bf16"}:
+        raise ConfigError(f"serving.precision: {sv.precision!r} is not fp32|bf16")
+    try:
+        ZoneInfo(sc.timezone)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ConfigError(f"schedule.timezone: {sc.timezone!r} is not an IANA time zone (e.g. Europe/Berlin)") from exc
+    from prefect.client.schemas.schedules import CronSchedule  # Prefect's own cron check
+    from pydantic import ValidationError
+
+    try:
+        CronSchedule(cron=sc.cron, timezone=sc.timezone)
+    except ValidationError as exc:
+        raise ConfigError(f"schedule.cron: {sc.cron!r} is not a cron expression (e.g. '0 3 * * *')") from exc
+    if sc.retries < 0 or sc.retry_delay_seconds < 0:
+        raise ConfigError("schedule.retries and schedule.retry_delay_seconds must be >= 0")
 
 
 def _validate_search(cfg: Config) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import mlflow
 from prefect import task
@@ -25,15 +26,15 @@ PREDICTIONS_FILE = RESULTS / "predictions.json"
 METRICS_FILE = RESULTS / "metrics.json"
 
 
-def evaluate_stage(cfg: Config) -> dict:
-    cfg = final_config(cfg)  # dev chunks split like the final model's training chunks
-    records = read_jsonl(PREPARED / "dev.jsonl")
-    version = json.loads((PREPARED / "version.json").read_text())["dev"]["squad_version"]
+def predict_records(
+    cfg: Config, model_dir: Path, records: list[dict], version: str
+) -> tuple[dict[str, str], float, str]:
+    """id -> answer text for `records`, with the chunking and decoding of `cfg`; also the seconds it took
+    and the precision it ran in. The promotion gate re-scores an old champion through here too."""
     device = default_device()
-    tokenizer = AutoTokenizer.from_pretrained(MODEL / "hf")
-    model = AutoModelForQuestionAnswering.from_pretrained(MODEL / "hf").to(device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForQuestionAnswering.from_pretrained(model_dir).to(device)
     precision = resolve_precision(cfg.train.precision, device)
-
     t0 = time.perf_counter()
     answers = answer_questions(
         model,
@@ -49,7 +50,14 @@ def evaluate_stage(cfg: Config) -> dict:
     )
     seconds = time.perf_counter() - t0
     texts = answer_texts(answers, version, cfg.eval.no_answer_threshold)
-    predictions = {r["id"]: t for r, t in zip(records, texts, strict=True)}
+    return {r["id"]: t for r, t in zip(records, texts, strict=True)}, seconds, precision
+
+
+def evaluate_stage(cfg: Config) -> dict:
+    cfg = final_config(cfg)  # dev chunks split like the final model's training chunks
+    records = read_jsonl(PREPARED / "dev.jsonl")
+    version = json.loads((PREPARED / "version.json").read_text())["dev"]["squad_version"]
+    predictions, seconds, precision = predict_records(cfg, MODEL / "hf", records, version)
     scores = score(records, predictions, version)
 
     train = json.loads(SUMMARY_FILE.read_text())

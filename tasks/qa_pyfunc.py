@@ -10,7 +10,39 @@ import json
 
 import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel, PythonModelContext
+
+
+def bad_request(message: str) -> MlflowException:
+    """The scoring server answers this with HTTP 400 and the message; it keeps serving."""
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def request_records(model_input: pd.DataFrame | dict, max_batch: int) -> list[dict]:
+    """Rows of question + context, checked field by field; any bad value raises `bad_request`."""
+    if isinstance(model_input, dict):
+        model_input = pd.DataFrame(model_input)
+    if not isinstance(model_input, pd.DataFrame):
+        raise bad_request(f"input must be rows of question and context, got {type(model_input).__name__}")
+    for column in ("question", "context"):
+        if column not in model_input.columns:
+            raise bad_request(f"field {column!r} is missing (each row needs 'question' and 'context')")
+    if len(model_input) == 0:
+        raise bad_request("the request has no rows")
+    if len(model_input) > max_batch:
+        raise bad_request(f"batch of {len(model_input)} rows is over serving.max_batch = {max_batch}")
+    records = []
+    for i, row in enumerate(model_input[["question", "context"]].itertuples(index=False)):
+        for field, value in (("question", row.question), ("context", row.context)):
+            if not isinstance(value, str):
+                raise bad_request(f"row {i}: field {field!r} must be a string, got {type(value).__name__}")
+            if not value.strip():
+                raise bad_request(f"row {i}: field {field!r} is empty")
+        no_gold = {"text": [], "answer_start": []}
+        records.append({"id": str(i), "question": row.question, "context": row.context, "answers": no_gold})
+    return records
 
 
 class SpanQAModel(PythonModel):
@@ -30,21 +62,7 @@ class SpanQAModel(PythonModel):
     ) -> pd.DataFrame:
         from tasks.inference import answer_questions
 
-        if isinstance(model_input, dict):
-            model_input = pd.DataFrame(model_input)
-        for column in ("question", "context"):
-            if column not in model_input.columns:
-                raise ValueError(f"input is missing the column {column!r} (needs 'question' and 'context')")
-        records = []
-        for i, row in enumerate(model_input.itertuples(index=False)):
-            question, text = row.question, row.context
-            if not isinstance(question, str) or not question.strip():
-                raise ValueError(f"row {i}: 'question' must be a non-empty string")
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"row {i}: 'context' must be a non-empty string")
-            records.append(
-                {"id": str(i), "question": question, "context": text, "answers": {"text": [], "answer_start": []}}
-            )
+        records = request_records(model_input, self.settings["max_batch"])
         s = self.settings
         answers = answer_questions(
             self.model,

@@ -1,4 +1,4 @@
-"""Stage register: the trained model logged as a pyfunc (models-from-code) and registered with an alias."""
+"""Stage register: the trained model logged as a pyfunc (models-from-code) and registered as a new version."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from prefect.cache_policies import NO_CACHE
 from spanflow.config import Config
 from spanflow.paths import MODEL, RESULTS
 from tasks.best_params import final_config
+from tasks.evaluate import METRICS_FILE
 from tasks.io_utils import atomic_write_json
+from tasks.prepare import VERSION_FILE
 from tasks.tracking import load_run_ref, setup_mlflow
 
 PYFUNC_FILE = Path(__file__).with_name("qa_pyfunc.py")
@@ -33,15 +35,18 @@ def serving_settings(cfg: Config) -> dict:
         "max_answer_length": cfg.eval.max_answer_length,
         "n_best": cfg.eval.n_best,
         "batch_size": cfg.eval.batch_size,
-        "precision": "fp32",  # portable default for serving hosts of any kind
+        "max_batch": cfg.serving.max_batch,
+        "precision": cfg.serving.precision,
     }
 
 
-def register_stage(cfg: Config) -> dict:
-    cfg = final_config(cfg)  # the served model splits contexts like it was trained
-    setup_mlflow(cfg)
-    run_id = load_run_ref()["run_id"]
-    name, alias = cfg.registry.model_name, cfg.registry.alias
+def version_from_run(client: MlflowClient, name: str, run_id: str) -> int | None:
+    """The version already registered from this training run (a retried flow run registers once)."""
+    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    return min(int(v.version) for v in found) if found else None
+
+
+def log_and_register(cfg: Config, run_id: str) -> int:
     example = pd.DataFrame(
         {"question": ["Where is the Eiffel Tower?"], "context": ["The Eiffel Tower is a landmark in Paris, France."]}
     )
@@ -55,20 +60,34 @@ def register_stage(cfg: Config) -> dict:
             code_paths=[str(TASKS_DIR)],
             input_example=example,
             pip_requirements=[f"{p}=={md.version(p)}" for p in SERVING_REQUIREMENTS],
-            registered_model_name=name,
+            registered_model_name=cfg.registry.model_name,
         )
-    version = info.registered_model_version
+    return int(info.registered_model_version)
+
+
+def register_stage(cfg: Config) -> dict:
+    """Log the model to its training run and register a new version, tagged with its dev scores. No alias
+    moves here: the promote stage moves `challenger` (and maybe `champion`) once every check passed."""
+    cfg = final_config(cfg)  # the served model splits contexts like it was trained
+    setup_mlflow(cfg)
+    run_id = load_run_ref()["run_id"]
+    name = cfg.registry.model_name
     client = MlflowClient()
-    client.set_registered_model_alias(name, alias, version)
-    out = {
-        "model_name": name,
-        "version": int(version),
-        "alias": alias,
-        "run_id": run_id,
-        "model_uri": f"models:/{name}@{alias}",
+    version = version_from_run(client, name, run_id) or log_and_register(cfg, run_id)
+    metrics = json.loads(METRICS_FILE.read_text())
+    dev = json.loads(VERSION_FILE.read_text())["dev"]
+    tags = {
+        "dev_exact_match": metrics["exact_match"],
+        "dev_f1": metrics["f1"],
+        "dev_questions": metrics["dev_questions"],
+        "dev_content_sha256": dev["content_sha256"],
+        "squad_version": dev["squad_version"],
     }
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, str(value))
+    out = {"model_name": name, "version": version, "run_id": run_id, "model_uri": f"models:/{name}/{version}", **tags}
     atomic_write_json(REGISTERED_FILE, out)
-    print(f"registered {name} version {version} as @{alias}")
+    print(f"registered {name} version {version} (dev F1 {metrics['f1']:.2f})")
     return out
 
 

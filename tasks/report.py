@@ -44,7 +44,12 @@ def search_lines(search: dict) -> list[str]:
 
 
 def results_table(
-    cfg: Config, metrics: dict, registered: dict, links: dict[str, str], search: dict | None = None
+    cfg: Config,
+    metrics: dict,
+    registered: dict,
+    links: dict[str, str],
+    search: dict | None = None,
+    promotion: dict | None = None,
 ) -> str:
     records = read_jsonl(PREPARED / "dev.jsonl")
     version = metrics["squad_version"]
@@ -74,9 +79,14 @@ def results_table(
         "### Where to look",
         "",
         *[f"- {k}: {v}" for k, v in links.items()],
-        f"- registered model: `{registered['model_name']}` version {registered['version']} "
-        f"(alias `@{registered['alias']}`)",
+        f"- registered model: `{registered['model_name']}` version {registered['version']}",
     ]
+    if promotion:
+        verdict = "promoted to" if promotion["promoted"] else "not promoted to"
+        lines.append(
+            f"- promotion: v{promotion['challenger_version']} {verdict} `@{cfg.registry.champion_alias}`: "
+            f"{promotion['reason']} (`spanflow registry`)"
+        )
     return "\n".join(lines)
 
 

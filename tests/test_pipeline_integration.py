@@ -114,9 +114,11 @@ def test_qa_pipeline_flow_lands_in_mlflow_prefect_and_registry(project: Path, pr
     }
     assert (project / "mlruns").is_dir() and any((project / "mlruns").iterdir())
 
-    # registry: alias challenger -> a pyfunc that answers over a long context
+    # registry: the first model is challenger and champion -> a pyfunc that answers over a long context
     version = client.get_model_version_by_alias("spanflow-qa-test", "challenger")
     assert version.run_id == run.info.run_id
+    assert client.get_model_version_by_alias("spanflow-qa-test", "champion").version == version.version
+    assert out["promotion"]["promoted"] and f"v{version.version} promoted to `@champion`" in out["report"]
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model("models:/spanflow-qa-test@challenger")
     context = " ".join(f"Sentence number {i} talks about nothing at all." for i in range(120))
@@ -149,10 +151,12 @@ def test_dvc_repro_runs_the_stages_and_reruns_only_what_changed(project: Path, p
     _git_dvc_init(project)
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_API_URL": prefect_server}
     first = _dvc(project, "repro", env=env)
-    for stage in ("prepare", "tune", "featurize", "train", "evaluate", "register"):
+    for stage in ("prepare", "tune", "featurize", "train", "evaluate", "register", "promote"):
         assert f"Running stage '{stage}'" in first
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"prepare", "tune", "featurize", "train", "evaluate", "register"}
+    assert set(lock["stages"]) == {"prepare", "tune", "featurize", "train", "evaluate", "register", "promote"}
+    promotion = json.loads((project / "results" / "promotion.json").read_text())
+    assert promotion["promoted"] and promotion["reason"] == "first model: there was no champion"
     plots = json.loads(_dvc(project, "plots", "show", "--json", env=env))["data"]
     assert {"results/search/heatmap.png", "results/search/durations.png"} <= set(plots)
     bars = plots["Search, validation F1 per grid point"][0]["content"]["data"]["values"]

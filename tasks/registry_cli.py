@@ -1,0 +1,135 @@
+"""The model registry from the shell: promote by hand, list versions, predict, serve."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from spanflow.config import Config
+from tasks.tracking import setup_mlflow
+
+
+def champion_uri(cfg: Config) -> str:
+    return f"models:/{cfg.registry.model_name}@{cfg.registry.champion_alias}"
+
+
+def _client(cfg: Config) -> MlflowClient:
+    setup_mlflow(cfg)
+    return MlflowClient()
+
+
+def promote_by_hand(cfg: Config, version: int, reason: str) -> None:
+    """Move the champion alias to `version`; who, when and why become tags of that version."""
+    if not reason.strip():
+        raise ValueError("--reason: say why this version is promoted")
+    client = _client(cfg)
+    name = cfg.registry.model_name
+    try:
+        client.get_model_version(name, str(version))
+    except MlflowException as exc:
+        raise ValueError(f"--version {version}: registered model {name!r} has no such version") from exc
+    aliases = client.get_registered_model(name).aliases
+    previous = aliases.get(cfg.registry.champion_alias)
+    tags = {
+        "promotion.decision": "promoted by hand",
+        "promotion.reason": reason,
+        "promoted_by": getpass.getuser(),
+        "promoted_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "promotion.replaced_version": str(previous) if previous is not None else "none",
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, value)
+    client.set_registered_model_alias(name, cfg.registry.champion_alias, str(version))
+    print(f"{name} v{version} is now @{cfg.registry.champion_alias} (was v{previous}); reason: {reason}")
+
+
+def versions_table(cfg: Config) -> str:
+    """Every version of the registered model, newest first, with its aliases and dev scores."""
+    client = _client(cfg)
+    name = cfg.registry.model_name
+    try:
+        aliases = client.get_registered_model(name).aliases
+    except MlflowException as exc:
+        raise ValueError(f"registry.model_name: no registered model {name!r} at {cfg.tracking_uri}") from exc
+    by_version: dict[str, list[str]] = {}
+    for alias, v in aliases.items():
+        by_version.setdefault(str(v), []).append(f"@{alias}")
+    rows = [
+        "| version | aliases | dev EM | dev F1 | dev questions | created (UTC) | promotion |",
+        "|---:|---|---:|---:|---:|---|---|",
+    ]
+    versions = sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: -int(v.version))
+    for mv in versions:
+        t = mv.tags
+        created = datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).strftime("%Y-%m-%d %H:%M")
+        decision = t.get("promotion.decision", "")
+        if decision:
+            decision += f" ({t.get('promoted_by')})" if "promoted_by" in t else ""
+        rows.append(
+            f"| {mv.version} | {' '.join(sorted(by_version.get(str(mv.version), [])))} | "
+            f"{t.get('dev_exact_match', '')} | {t.get('dev_f1', '')} | {t.get('dev_questions', '')} | "
+            f"{created} | {decision} |"
+        )
+    return f"{name} at {cfg.tracking_uri}\n\n" + "\n".join(rows)
+
+
+def predict_file(cfg: Config, question: str, context_file: str, model_uri: str | None) -> str:
+    """One question over the text of a file, through the registered pyfunc; JSON out."""
+    import mlflow.pyfunc
+
+    path = Path(context_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"--context-file {path}: no such file")
+    context = path.read_text(encoding="utf-8")
+    if not context.strip():
+        raise ValueError(f"--context-file {path}: the file is empty")
+    if not question.strip():
+        raise ValueError("--question: empty")
+    setup_mlflow(cfg)
+    uri = model_uri or champion_uri(cfg)
+    model = mlflow.pyfunc.load_model(uri)
+    t0 = time.perf_counter()
+    out = model.predict(pd.DataFrame({"question": [question], "context": [context]}))
+    seconds = time.perf_counter() - t0
+    row = out.iloc[0]
+    answer = {
+        "answer": row["answer"],
+        "start": int(row["start"]),
+        "end": int(row["end"]),
+        "score": float(row["score"]),
+        "model_uri": uri,
+        "context_chars": len(context),
+        "seconds": round(seconds, 3),
+    }
+    return json.dumps(answer, ensure_ascii=False, indent=2)
+
+
+def serve(cfg: Config, model_uri: str | None, host: str | None, port: int | None) -> None:
+    """Replace this process with `mlflow models serve` on the registered model (default: the champion)."""
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        model_uri or champion_uri(cfg),
+        "--env-manager",
+        "local",
+        "--host",
+        host or cfg.serving.host,
+        "--port",
+        str(port or cfg.serving.port),
+    ]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.tracking_uri}  # models:/ URIs resolve in this registry
+    print(" ".join(command[1:]), flush=True)
+    os.execve(sys.executable, command, env)

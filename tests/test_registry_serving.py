@@ -1,0 +1,254 @@
+"""Promotion gate, hand promotion, the registry listing and the served model, on a real MLflow store,
+a real Prefect server and a real `mlflow models serve` process on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.helpers import make_tiny_model_dir
+from tests.test_pipeline_integration import REPO, _small_params
+
+BIN = Path(sys.executable).parent
+MODEL_NAME = "spanflow-qa-test"
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory, prefect_server: str) -> Iterator[Path]:
+    """A tiny project whose qa-pipeline ran once: version 1 registered, and champion as the first model."""
+    from flows.pipeline import qa_pipeline
+
+    tmp = tmp_path_factory.mktemp("registry")
+    root = tmp / "project"
+    root.mkdir()
+    shutil.copytree(REPO / "tasks", root / "tasks")
+    shutil.copytree(REPO / "data" / "squad", root / "data" / "squad")
+    shutil.copytree(REPO / "data" / "leaderboard", root / "data" / "leaderboard")
+    params = _small_params(make_tiny_model_dir(tmp / "tiny-bert"))
+    params["search"]["enabled"] = False
+    params["serving"]["max_batch"] = 3
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        out = qa_pipeline(params="params.yaml")
+        assert out["promotion"]["promoted"] and out["promotion"]["champion_version"] is None
+        yield root
+    finally:
+        os.chdir(cwd)
+
+
+def _cli(root: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(
+        [str(BIN / "spanflow"), *args], cwd=root, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _aliases(client) -> dict[str, int]:
+    return {alias: int(v) for alias, v in client.get_registered_model(MODEL_NAME).aliases.items()}
+
+
+def test_gate_keeps_the_champion_for_an_equal_model_and_promotes_a_better_one(project: Path, prefect_server: str):
+    from mlflow import MlflowClient
+
+    from spanflow.config import load_config
+    from tasks.evaluate import evaluate_stage
+    from tasks.promote import PROMOTION_FILE, promote_stage
+    from tasks.register import register_stage
+    from tasks.train import train_stage
+
+    cfg = load_config("params.yaml")
+    client = MlflowClient()
+    assert _aliases(client) == {"champion": 1, "challenger": 1}
+    first_tags = client.get_model_version(MODEL_NAME, "1").tags
+    assert first_tags["promotion.decision"] == "promoted" and first_tags["promoted_by"] == "promotion gate"
+    assert float(first_tags["dev_f1"]) >= 0 and first_tags["dev_questions"] == "40"
+
+    # the same params again: same answers, an interval of exactly zero, the champion stays
+    train_stage(cfg)
+    evaluate_stage(cfg)
+    assert register_stage(cfg)["version"] == 2
+    assert register_stage(cfg)["version"] == 2, "a retried register must not add a version"
+    result = promote_stage(cfg)
+    assert not result["promoted"] and result["champion_scores_from"] == "its own dev evaluation"
+    b = result["bootstrap"]
+    assert b["resamples"] == cfg.registry.bootstrap_resamples >= 1000 and b["questions"] == 40
+    assert b["low"] <= b["mean_gain"] <= b["high"] and not b["low"] > cfg.registry.min_gain
+    assert _aliases(client) == {"champion": 1, "challenger": 2}
+    assert json.loads(PROMOTION_FILE.read_text()) == result
+    run = client.get_run(json.loads(Path("results/registered.json").read_text())["run_id"])
+    assert run.data.tags["promotion.decision"] == "not promoted"
+    assert run.data.tags["promotion.champion_version"] == "1"
+    assert run.data.metrics["promotion_f1_gain_low"] == pytest.approx(b["low"])
+
+    # a check that fails before the decision moves nothing
+    predictions = Path("results/predictions.json")
+    saved = predictions.read_text()
+    predictions.unlink()
+    with pytest.raises(FileNotFoundError):
+        promote_stage(cfg)
+    assert _aliases(client) == {"champion": 1, "challenger": 2}
+
+    # a challenger that answers every question right: the interval clears min_gain, v2 becomes champion
+    records = [json.loads(line) for line in Path("data/prepared/dev.jsonl").read_text().splitlines()]
+    predictions.write_text(json.dumps({r["id"]: r["answers"]["text"][0] for r in records}))
+    result = promote_stage(cfg)
+    assert result["promoted"] and result["challenger_f1"] == 100.0
+    assert result["bootstrap"]["low"] > cfg.registry.min_gain
+    assert _aliases(client) == {"champion": 2, "challenger": 2}
+    assert client.get_model_version(MODEL_NAME, "2").tags["promotion.decision"] == "promoted"
+    predictions.write_text(saved)
+
+    # by hand, back to v1, with who and why
+    done = _cli(project, "promote", "--version", "1", "--reason", "roll back: v2 scored on doctored answers")
+    assert done.returncode == 0, done.stderr
+    tags = client.get_model_version(MODEL_NAME, "1").tags
+    assert tags["promotion.reason"] == "roll back: v2 scored on doctored answers"
+    assert tags["promotion.decision"] == "promoted by hand" and tags["promoted_by"]
+    assert tags["promotion.replaced_version"] == "2"
+    assert _aliases(client)["champion"] == 1
+    bad = _cli(project, "promote", "--version", "99", "--reason", "x")
+    assert bad.returncode == 1 and "--version 99" in bad.stderr and "no such version" in bad.stderr
+
+    listing = _cli(project, "registry")
+    assert listing.returncode == 0, listing.stderr
+    lines = {line.split("|")[1].strip(): line for line in listing.stdout.splitlines() if line.startswith("| ")}
+    assert "@champion" in lines["1"] and "@challenger" in lines["2"]
+    assert first_tags["dev_f1"] in lines["1"] and "promoted by hand" in lines["1"]
+
+
+def test_champion_evaluated_on_other_questions_is_rescored_on_the_challengers(project: Path, prefect_server: str):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from flows.pipeline import qa_pipeline
+    from tasks.promote import CHAMPION_PREDICTIONS_ARTIFACT
+
+    client = MlflowClient()
+    champion = _aliases(client)["champion"]
+    own = mlflow.artifacts.load_dict(
+        f"runs:/{client.get_model_version(MODEL_NAME, str(champion)).run_id}/predictions.json"
+    )
+    assert len(own) == 40
+    out = qa_pipeline(params="params.yaml", overrides=["data.dev_limit=60"])
+    result = out["promotion"]
+    assert result["champion_version"] == champion
+    assert result["champion_scores_from"] == "re-scored on the challenger's dev questions"
+    assert result["bootstrap"]["questions"] == 60
+    assert _aliases(client)["champion"] == (result["challenger_version"] if result["promoted"] else champion)
+
+    # the re-scored answers cover the 60 questions and repeat the champion's own answers on its 40
+    rescored = mlflow.artifacts.load_dict(f"runs:/{out['run_id']}/{CHAMPION_PREDICTIONS_ARTIFACT}")
+    records = {
+        json.loads(line)["id"]: json.loads(line) for line in Path("data/prepared/dev.jsonl").read_text().splitlines()
+    }
+    assert set(rescored) == set(records)
+    assert all(text in records[i]["context"] for i, text in rescored.items())
+    same = sum(rescored[i] == text for i, text in own.items())
+    assert same >= 0.9 * len(own), f"re-scoring disagrees with the champion's own answers on {len(own) - same}/40"
+
+    # the decision is a Prefect Markdown artifact of the flow run
+    found = httpx.post(f"{prefect_server}/artifacts/filter", json={"artifacts": {"key": {"any_": ["promotion"]}}})
+    mine = [a for a in found.json() if a["flow_run_id"] == out["flow_run_id"]]
+    assert len(mine) == 1 and mine[0]["type"] == "markdown"
+    assert f"challenger v{result['challenger_version']}" in mine[0]["data"]
+    assert "Paired bootstrap over 60 dev questions" in mine[0]["data"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_served_champion_answers_long_contexts_and_rejects_bad_requests(project: Path):
+    port = _free_port()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    server = subprocess.Popen(
+        [str(BIN / "spanflow"), "serve", "--port", str(port)],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, server.stdout.read()
+            try:
+                if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the model server did not come up"
+            time.sleep(1)
+
+        filler = " ".join(f"Ledger entry {i} notes a shipment of grain to the northern harbour." for i in range(200))
+        context = filler + " The lighthouse at Calder was built by Brenna Holm in 1843. " + filler
+        assert len(context) > 10_000
+        question = "Who built the lighthouse at Calder?"
+        ok = httpx.post(
+            f"{url}/invocations", json={"dataframe_records": [{"question": question, "context": context}]}, timeout=120
+        )
+        assert ok.status_code == 200, ok.text
+        [answer] = ok.json()["predictions"]
+        assert set(answer) == {"answer", "start", "end", "score"}
+        assert context[answer["start"] : answer["end"]] == answer["answer"] and answer["answer"]
+        assert isinstance(answer["score"], float)
+
+        bad_requests = {
+            "question": {"dataframe_records": [{"context": context}]},
+            "context": {"dataframe_records": [{"question": question, "context": "   "}]},
+            "'question' must be a string": {"dataframe_records": [{"question": 7, "context": "Some text."}]},
+            "serving.max_batch = 3": {"dataframe_records": [{"question": question, "context": "Text."}] * 4},
+        }
+        for field, body in bad_requests.items():
+            bad = httpx.post(f"{url}/invocations", json=body, timeout=60)
+            assert bad.status_code == 400, (field, bad.status_code, bad.text)
+            assert field in bad.json()["message"], (field, bad.json()["message"][-300:])
+        malformed = httpx.post(
+            f"{url}/invocations", content=b"{not json", headers={"Content-Type": "application/json"}, timeout=60
+        )
+        assert malformed.status_code == 400
+
+        # still serving after the bad ones, batches included
+        batch = [{"question": question, "context": context}, {"question": "Who?", "context": "Ada wrote it."}]
+        again = httpx.post(f"{url}/invocations", json={"dataframe_records": batch}, timeout=120)
+        assert again.status_code == 200 and len(again.json()["predictions"]) == 2
+    finally:
+        os.killpg(server.pid, 15)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, 9)
+            server.wait()
+
+
+def test_predict_answers_from_a_context_file_and_names_a_missing_one(project: Path, tmp_path: Path):
+    context = tmp_path / "context.txt"
+    text = "Old harbour records. " * 600 + "The Vester bridge opened in 1911. " + "More records follow. " * 10
+    context.write_text(text)
+    done = _cli(project, "predict", "--question", "When did the Vester bridge open?", "--context-file", str(context))
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["context_chars"] == len(text) > 10_000
+    assert text[answer["start"] : answer["end"]] == answer["answer"]
+    assert answer["model_uri"] == f"models:/{MODEL_NAME}@champion"
+
+    missing = _cli(project, "predict", "--question", "Q?", "--context-file", str(tmp_path / "nope.txt"))
+    assert missing.returncode == 1 and "nope.txt" in missing.stderr
