@@ -64,14 +64,15 @@ def redact(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+TRIAL_SECTIONS = ("data", "model", "features", "method", "train", "eval")  # what a trial's result depends on
+
+
 def study_name(cfg: Config) -> str:
     """The configured name plus a hash of everything a trial's result depends on except the grid
     itself, so a changed setting starts a fresh study and a widened grid reuses finished points."""
     version = json.loads((PREPARED / "version.json").read_text())
     template = trial_config(cfg, GridPoint(cfg.features.chunk_length, cfg.features.overlap, cfg.method.lora.rank))
-    blob = template.to_dict()
-    for key in ("search", "tracking", "registry"):
-        blob.pop(key)
+    blob = {k: v for k, v in template.to_dict().items() if k in TRIAL_SECTIONS}
     blob["train"].pop("num_threads")
     blob["eval"].pop("batch_size")
     for dotted in SEARCHED_KEYS.values():

@@ -263,3 +263,21 @@ def test_saved_time_of_a_pruned_trial_is_its_missing_epochs() -> None:
     (row,) = trial_rows(study, cfg, {})
     assert row["state"] == "pruned" and row["saved_seconds"] == pytest.approx(9.0)
     assert row["val_f1"] == 10.0 and row["note"] == "pruned after epoch 1"
+
+
+def test_the_study_name_changes_with_what_trials_depend_on_only(project: Path) -> None:
+    from tasks.search import study_name
+
+    cfg = load_config("params.yaml")
+    name = study_name(cfg)
+    unrelated = {
+        "registry.min_gain": 1.0,
+        "serving.port": 6001,
+        "schedule.cron": "0 5 * * *",
+        "tracking.experiment": "other",
+        "search.workers": 2,
+        "search.space.lora_rank": [2, 4, 8],  # a wider grid reuses the finished points
+    }
+    assert study_name(cfg.with_values(unrelated)) == name
+    assert study_name(cfg.with_values({"train.learning_rate": 5e-3})) != name
+    assert study_name(cfg.with_values({"search.trial.epochs": 3})) != name
