@@ -130,6 +130,11 @@ def serve(cfg: Config, model_uri: str | None, host: str | None, port: int | None
         "--port",
         str(port or cfg.serving.port),
     ]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.tracking_uri}  # models:/ URIs resolve in this registry
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": cfg.tracking_uri,  # models:/ URIs resolve in this registry
+        # mlflow starts `uvicorn` by name: this environment's bin first, even when it is not activated
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
     print(" ".join(command[1:]), flush=True)
     os.execve(sys.executable, command, env)

@@ -175,7 +175,8 @@ def _free_port() -> int:
 
 def test_served_champion_answers_long_contexts_and_rejects_bad_requests(project: Path):
     port = _free_port()
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    # the environment's bin deliberately not on PATH: `spanflow serve` must work from a venv that is not activated
+    env = {**os.environ, "PATH": os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != str(BIN))}
     server = subprocess.Popen(
         [str(BIN / "spanflow"), "serve", "--port", str(port)],
         cwd=project,
