@@ -1,0 +1,501 @@
+"""spanflow's chunked inference against the `question-answering` pipeline of transformers 5.2.0.
+
+    .venv/bin/python -m benchmarks.infer_compare [--questions N] [--reps R] [--precision bf16 fp32]
+        [--threads T] [--pipeline-batch-size 1] [--stages] [--json out.json]
+
+Same weights (models/final/hf, LoRA merged by the train stage), same dev questions, same chunking
+(features.chunk_length = the pipeline's max_seq_len, features.overlap = its doc_stride) and answer
+length. Each side runs in its own process, with the same torch / tokenizer thread count: spanflow in
+this venv, the pipeline in benchmarks/.venv-tf52 (transformers 5.2.0, the last release with the
+pipeline; made on first use by `ensure_tf52_venv`). Sides alternate rep by rep; model loading and a
+small warm-up are not timed. Reports questions/s per side (median, min-max over reps), their ratio,
+the official SQuAD EM/F1 of both sides and their gaps, how often the answers differ, and each
+side's peak RSS. A benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+TF52_VENV = BENCH / ".venv-tf52"
+TF52_REQUIREMENTS = BENCH / "requirements-tf52.txt"
+PIPELINE_SIDE = BENCH / "pipeline_side.py"
+MODEL_DIR = ROOT / "models" / "final" / "hf"
+DEV_FILE = ROOT / "data" / "prepared" / "dev.jsonl"
+VERSION_FILE = ROOT / "data" / "prepared" / "version.json"
+WARMUP_RECORDS = 3
+EXAMPLES = 8  # differing answers shown in the result
+
+_VERIFY_TF52 = """
+import sys, inspect, torch, transformers
+from transformers import pipeline
+from transformers.pipelines import SUPPORTED_TASKS, QuestionAnsweringPipeline
+assert transformers.__version__ == sys.argv[1], transformers.__version__
+assert "question-answering" in SUPPORTED_TASKS
+assert "max_seq_len" in inspect.signature(QuestionAnsweringPipeline._sanitize_parameters).parameters
+print(f"transformers {transformers.__version__}, torch {torch.__version__}: question-answering pipeline ok")
+"""
+
+
+# --------------------------------------------------------------------------- the transformers 5.2.0 venv
+
+
+def _pins(requirements: Path) -> dict[str, str]:
+    """name -> the pinned `name==version` lines of a requirements file."""
+    pins = {}
+    for line in requirements.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            pins[line.split("==", 1)[0].strip().lower()] = line
+    return pins
+
+
+def ensure_tf52_venv(
+    venv: Path = TF52_VENV, requirements: Path = TF52_REQUIREMENTS, python: str = "python3.11", quiet: bool = True
+) -> Path:
+    """The Python of a venv with transformers 5.2.0 and its question-answering pipeline; made if missing.
+
+    Reused as is when its stamp file holds the hash of `requirements`; otherwise (re)made with
+    `venv --clear`: the torch pin first on its own (a bare torch requirement with no torch installed
+    pulls the CUDA build), then all of `requirements`, then `pip check` and an import check."""
+    digest = hashlib.sha256(requirements.read_bytes()).hexdigest()
+    stamp = venv / ".installed"
+    py = venv / "bin" / "python"
+    if py.is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
+        return py
+    pins = _pins(requirements)
+    if "torch" not in pins or "transformers" not in pins:
+        raise ValueError(f"{requirements}: needs torch==... and transformers==... pins")
+    print(f"making {venv} from {requirements.name} (torch first) ...", file=sys.stderr)
+    q = ["--quiet"] if quiet else []
+    subprocess.run([python, "-m", "venv", "--clear", str(venv)], check=True)
+    subprocess.run([str(py), "-m", "pip", "install", *q, pins["torch"]], check=True)
+    subprocess.run([str(py), "-m", "pip", "install", *q, "-r", str(requirements)], check=True)
+    subprocess.run([str(py), "-m", "pip", "check"], check=True)
+    version = pins["transformers"].split("==", 1)[1]
+    subprocess.run([str(py), "-c", _VERIFY_TF52, version], check=True)
+    stamp.write_text(digest + "\n")
+    return py
+
+
+# --------------------------------------------------------------------------- the spanflow side (a child process)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024**2)
+
+
+def spanflow_side(args: argparse.Namespace) -> dict[str, Any]:
+    """Load the model as tasks/evaluate.py::predict_records does, warm up, time answer_questions +
+    answer_texts over all records; with `stages`, one more pass timed stage by stage."""
+    import torch
+    import transformers
+    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+    from tasks.data import read_jsonl
+    from tasks.features import featurize
+    from tasks.inference import answer_questions, default_device, resolve_precision, run_model
+    from tasks.spans import answer_texts, best_spans
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    records = read_jsonl(args.records)
+    device = default_device()
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    model = AutoModelForQuestionAnswering.from_pretrained(args.model_dir).to(device)
+    precision = resolve_precision(args.precision, device)
+    feat_args = (args.chunk_length, args.overlap, args.max_query_length)
+
+    def answer(recs: list[dict]) -> list[str]:
+        answers = answer_questions(
+            model,
+            tokenizer,
+            recs,
+            *feat_args,
+            args.max_answer_length,
+            args.n_best,
+            args.batch_size,
+            precision,
+        )
+        return answer_texts(answers, args.squad_version, args.no_answer_threshold)
+
+    answer(records[:WARMUP_RECORDS])
+    t0 = time.perf_counter()
+    texts = answer(records)
+    seconds = time.perf_counter() - t0
+
+    result: dict[str, Any] = {
+        "predictions": {r["id"]: t for r, t in zip(records, texts, strict=True)},
+        "seconds": seconds,
+        "questions": len(records),
+        "questions_per_second": len(records) / seconds,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "precision": precision,
+        "device": str(device),
+    }
+    if args.stages:  # the three steps of answer_questions, one by one
+        t = [time.perf_counter()]
+        feats = featurize(records, tokenizer, *feat_args)
+        t.append(time.perf_counter())
+        starts, ends, _ = run_model(model, feats, args.batch_size, precision, tokenizer.pad_token_id)
+        t.append(time.perf_counter())
+        best_spans(records, feats, starts, ends, args.max_answer_length, args.n_best)
+        t.append(time.perf_counter())
+        result["chunks"] = len(feats)
+        result["stage_seconds"] = {
+            "featurize": t[1] - t[0],
+            "model_forward": t[2] - t[1],
+            "span_decoding": t[3] - t[2],
+        }
+    result["peak_rss_mb"] = peak_rss_mb()
+    args.out.write_text(json.dumps(result, ensure_ascii=False))
+    return result
+
+
+# --------------------------------------------------------------------------- the comparison (the parent process)
+
+
+def _child_env(threads: int) -> dict[str, str]:
+    """The same thread count for torch (OpenMP) and the tokenizers' Rust pool on both sides."""
+    env = dict(os.environ)
+    n = str(threads)
+    env.update(
+        OMP_NUM_THREADS=n,
+        MKL_NUM_THREADS=n,
+        RAYON_NUM_THREADS=n,
+        RAYON_RS_NUM_CPUS=n,
+        HF_HUB_OFFLINE="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        TRANSFORMERS_VERBOSITY="error",
+        TOKENIZERS_PARALLELISM="true",
+    )
+    return env
+
+
+def _run_child(command: list[str], out: Path, env: dict[str, str], log: Path) -> dict[str, Any]:
+    out.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.run(command, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0 or not out.is_file():
+        tail = log.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{' '.join(command[:4])} ... exited with {proc.returncode}:\n{tail}")
+    result = json.loads(out.read_text())
+    result["process_seconds"] = wall
+    return result
+
+
+def _spread(values: list[float]) -> dict[str, Any]:
+    med = statistics.median(values)
+    return {
+        "median": med,
+        "min": min(values),
+        "max": max(values),
+        "spread_pct": 100 * (max(values) - min(values)) / med if med else 0.0,
+        "reps": values,
+    }
+
+
+def _disagreements(records: list[dict], ours: dict[str, str], theirs: dict[str, str], version: str) -> dict[str, Any]:
+    """How the two sides' answers differ, per question."""
+    from tasks.squad_metrics import normalize_answer, per_question_scores
+
+    s_scores = per_question_scores(records, ours, version)
+    p_scores = per_question_scores(records, theirs, version)
+    differ = [r for r in records if ours[r["id"]] != theirs[r["id"]]]
+    kinds = {"normalized_equal": 0, "pipeline_longer": 0, "spanflow_longer": 0, "overlapping_or_disjoint": 0}
+    for r in differ:
+        a, b = ours[r["id"]], theirs[r["id"]]
+        if normalize_answer(a) == normalize_answer(b):
+            kinds["normalized_equal"] += 1
+        elif a in b:
+            kinds["pipeline_longer"] += 1
+        elif b in a:
+            kinds["spanflow_longer"] += 1
+        else:
+            kinds["overlapping_or_disjoint"] += 1
+    return {
+        "answers_differ": len(differ),
+        "answers_differ_pct": 100 * len(differ) / len(records),
+        "kinds": kinds,
+        "spanflow_f1_better": sum(s_scores[r["id"]][1] > p_scores[r["id"]][1] for r in differ),
+        "pipeline_f1_better": sum(s_scores[r["id"]][1] < p_scores[r["id"]][1] for r in differ),
+        "examples": [
+            {
+                "id": r["id"],
+                "question": r["question"],
+                "gold": r["answers"]["text"][:3],
+                "spanflow": ours[r["id"]],
+                "pipeline": theirs[r["id"]],
+            }
+            for r in differ[:EXAMPLES]
+        ],
+    }
+
+
+def compare(
+    questions: int | None = None,
+    reps: int = 3,
+    precisions: list[str] | None = None,
+    threads: int | None = None,
+    pipeline_batch_size: int = 1,
+    stages: bool = False,
+    model_dir: Path = MODEL_DIR,
+    params: Path = ROOT / "params.yaml",
+    keep: Path | None = None,
+) -> dict[str, Any]:
+    """Run both sides `reps` times, alternating (spanflow per precision, then the pipeline), and
+    return every figure. `precisions`: "config" (train.precision of params.yaml, resolved for this
+    machine), "bf16", "fp32"; the first one gives the headline ratio and gaps."""
+    import torch
+
+    from spanflow.config import load_config
+    from tasks.best_params import final_config
+    from tasks.data import read_jsonl
+    from tasks.inference import default_device, resolve_precision
+    from tasks.squad_metrics import score
+
+    if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
+        raise SystemExit(f"{model_dir}: no trained model (config.json + model.safetensors); run `make run` first")
+    for f in (DEV_FILE, VERSION_FILE):
+        if not f.is_file():
+            raise SystemExit(f"{f}: missing; run the prepare stage first")
+    cfg = final_config(load_config(params))
+    version = json.loads(VERSION_FILE.read_text())["dev"]["squad_version"]
+    records = read_jsonl(DEV_FILE)[:questions]
+    threads = threads or cfg.train.num_threads or torch.get_num_threads()
+    device = default_device()
+    resolved = []
+    for p in precisions or ["config"]:
+        p = resolve_precision(cfg.train.precision if p == "config" else p, device)
+        if p not in resolved:
+            resolved.append(p)
+    f, e = cfg.features, cfg.eval
+    settings = {
+        "chunk_length": f.chunk_length,
+        "overlap": f.overlap,
+        "max_query_length": f.max_query_length,
+        "max_answer_length": e.max_answer_length,
+        "n_best": e.n_best,
+        "spanflow_batch_size": e.batch_size,
+        "pipeline_batch_size": pipeline_batch_size,
+    }
+    tf52_python = ensure_tf52_venv()
+
+    with tempfile.TemporaryDirectory(prefix="infer_compare_") as tmp:
+        work = keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        records_file = work / "records.jsonl"
+        with open(records_file, "w", encoding="utf-8") as fh:
+            for r in records:
+                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        env = _child_env(threads)
+        common = ["--model-dir", str(model_dir), "--records", str(records_file), "--threads", str(threads)]
+        pipeline_cmd = [
+            str(tf52_python),
+            str(PIPELINE_SIDE),
+            *common,
+            *("--max-seq-len", str(f.chunk_length), "--doc-stride", str(f.overlap)),
+            *("--max-answer-len", str(e.max_answer_length), "--max-question-len", str(f.max_query_length)),
+            *("--batch-size", str(pipeline_batch_size), "--out", str(work / "pipeline.json")),
+        ]
+
+        def spanflow_cmd(precision: str, with_stages: bool) -> list[str]:
+            out = work / f"spanflow-{precision}.json"
+            return [
+                sys.executable,
+                "-m",
+                "benchmarks.infer_compare",
+                "--side",
+                "spanflow",
+                *common,
+                *("--precision", precision, "--chunk-length", str(f.chunk_length), "--overlap", str(f.overlap)),
+                *("--max-query-length", str(f.max_query_length), "--max-answer-length", str(e.max_answer_length)),
+                *("--n-best", str(e.n_best), "--batch-size", str(e.batch_size), "--squad-version", version),
+                *("--no-answer-threshold", str(e.no_answer_threshold), "--out", str(out)),
+                *(["--stages"] if with_stages else []),
+            ]
+
+        runs: dict[str, list[dict[str, Any]]] = {p: [] for p in resolved} | {"pipeline": []}
+        load_before = os.getloadavg()[0]
+        for rep in range(reps):
+            for p in resolved:
+                r = _run_child(spanflow_cmd(p, stages and rep == 0), work / f"spanflow-{p}.json", env, work / "log")
+                runs[p].append(r)
+                print(f"rep {rep + 1}/{reps} spanflow {p}: {r['questions_per_second']:.2f} q/s", file=sys.stderr)
+            r = _run_child(pipeline_cmd, work / "pipeline.json", env, work / "log")
+            runs["pipeline"].append(r)
+            print(f"rep {rep + 1}/{reps} pipeline: {r['questions_per_second']:.2f} q/s", file=sys.stderr)
+        load_after = os.getloadavg()[0]
+
+    def side_summary(side_runs: list[dict[str, Any]]) -> dict[str, Any]:
+        first = side_runs[0]
+        preds = first["predictions"]
+        scores = score(records, preds, version)
+        out = {
+            "questions_per_second": _spread([r["questions_per_second"] for r in side_runs]),
+            "ms_per_question": statistics.median(1000 * r["seconds"] / r["questions"] for r in side_runs),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in side_runs),
+            "exact_match": scores["exact_match"],
+            "f1": scores["f1"],
+            "predictions_stable": all(r["predictions"] == preds for r in side_runs),
+            "transformers": first["transformers"],
+            "torch": first["torch"],
+            "threads": first["threads"],
+        }
+        for k in ("precision", "dtype", "chunks", "stage_seconds"):
+            if k in first:
+                out[k] = first[k]
+        return out
+
+    pipe = side_summary(runs["pipeline"])
+    result: dict[str, Any] = {
+        "questions": len(records),
+        "reps": reps,
+        "threads": threads,
+        "squad_version": version,
+        "model_dir": str(model_dir.relative_to(ROOT) if model_dir.is_relative_to(ROOT) else model_dir),
+        "settings": settings,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1min": [load_before, load_after],  # other work on the machine skews the timings
+        "pipeline": pipe,
+        "spanflow": {},
+    }
+    pipe_qps = [r["questions_per_second"] for r in runs["pipeline"]]
+    pipe_preds = runs["pipeline"][0]["predictions"]
+    for i, p in enumerate(resolved):
+        side = side_summary(runs[p])
+        qps = [r["questions_per_second"] for r in runs[p]]
+        gaps = {
+            "inference_speedup_vs_pipeline": side["questions_per_second"]["median"] / statistics.median(pipe_qps),
+            "inference_speedup_vs_pipeline_paired": _spread([a / b for a, b in zip(qps, pipe_qps, strict=True)]),
+            "f1_gap_vs_pipeline": side["f1"] - pipe["f1"],
+            "em_gap_vs_pipeline": side["exact_match"] - pipe["exact_match"],
+            "rss_ratio_vs_pipeline": side["peak_rss_mb"] / pipe["peak_rss_mb"],
+        }
+        differ = _disagreements(records, runs[p][0]["predictions"], pipe_preds, version)
+        side["vs_pipeline"] = gaps | {"disagreement": differ}
+        result["spanflow"][p] = side
+        for k, v in gaps.items():
+            value = v["median"] if isinstance(v, dict) else v
+            result[f"{k}_{p}"] = value
+            if i == 0:
+                result[k] = value
+        if i == 0:
+            result["precision"] = p
+    return result
+
+
+def print_table(result: dict[str, Any]) -> None:
+    """A short human-readable summary of `compare`'s result."""
+    pipe = result["pipeline"]
+    print(
+        f"\n{result['questions']} dev questions (SQuAD v{result['squad_version']}), {result['reps']} reps, "
+        f"{result['threads']} threads, chunk {result['settings']['chunk_length']} / overlap "
+        f"{result['settings']['overlap']}, load average {result['load_average_1min'][0]:.1f} -> "
+        f"{result['load_average_1min'][1]:.1f} on {result['cpu_count']} CPUs"
+    )
+    header = f"{'side':<34} {'q/s median':>10} {'min-max':>15} {'ms/q':>8} {'EM':>7} {'F1':>7} {'RSS MB':>8}"
+    print(header)
+    print("-" * len(header))
+    rows = [(f"spanflow {p} (tf {s['transformers']})", s) for p, s in result["spanflow"].items()]
+    rows.append((f"pipeline {pipe.get('dtype', 'fp32')} (tf {pipe['transformers']})", pipe))
+    for name, s in rows:
+        q = s["questions_per_second"]
+        print(
+            f"{name:<34} {q['median']:>10.2f} {q['min']:>7.2f}-{q['max']:<7.2f} {s['ms_per_question']:>8.1f} "
+            f"{s['exact_match']:>7.2f} {s['f1']:>7.2f} {s['peak_rss_mb']:>8.0f}"
+        )
+    for p, s in result["spanflow"].items():
+        v = s["vs_pipeline"]
+        d = v["disagreement"]
+        paired = v["inference_speedup_vs_pipeline_paired"]
+        print(
+            f"spanflow {p} vs pipeline: speed-up x{v['inference_speedup_vs_pipeline']:.2f} "
+            f"(paired reps {paired['min']:.2f}-{paired['max']:.2f}), F1 {v['f1_gap_vs_pipeline']:+.2f}, "
+            f"EM {v['em_gap_vs_pipeline']:+.2f}, answers differ on {d['answers_differ']} "
+            f"({d['answers_differ_pct']:.1f}%) {d['kinds']}"
+        )
+        if "stage_seconds" in s:
+            total = sum(s["stage_seconds"].values())
+            parts = ", ".join(f"{k} {t:.2f}s ({100 * t / total:.0f}%)" for k, t in s["stage_seconds"].items())
+            print(f"spanflow {p} stages ({s['chunks']} chunks): {parts}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--questions", type=int, default=None, help="first N dev questions (default: all)")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        default=["config"],
+        choices=["config", "auto", "bf16", "fp32"],
+        help="spanflow precision(s); config = train.precision of params.yaml (auto: bf16 on AMX CPUs)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="default: train.num_threads, else torch's")
+    parser.add_argument("--pipeline-batch-size", type=int, default=1, help="the pipeline's batch_size")
+    parser.add_argument("--stages", action="store_true", help="also time spanflow's steps (first rep)")
+    parser.add_argument("--json", type=Path, default=None, help="write the result here")
+    parser.add_argument("--keep", type=Path, default=None, help="keep the children's files in this folder")
+    parser.add_argument("--setup-only", action="store_true", help="only make benchmarks/.venv-tf52")
+    # --side spanflow: the child process that runs spanflow's inference (started by `compare`)
+    parser.add_argument("--side", choices=["spanflow"], default=None, help=argparse.SUPPRESS)
+    child = parser.add_argument_group("child process (--side spanflow)")
+    child.add_argument("--model-dir", type=Path, default=MODEL_DIR)
+    child.add_argument("--records", type=Path)
+    child.add_argument("--out", type=Path)
+    child.add_argument("--chunk-length", type=int)
+    child.add_argument("--overlap", type=int)
+    child.add_argument("--max-query-length", type=int)
+    child.add_argument("--max-answer-length", type=int)
+    child.add_argument("--n-best", type=int)
+    child.add_argument("--batch-size", type=int)
+    child.add_argument("--squad-version", default="1.1")
+    child.add_argument("--no-answer-threshold", type=float, default=0.0)
+    args = parser.parse_args(argv)
+
+    if args.side == "spanflow":
+        args.precision = args.precision[0]
+        spanflow_side(args)
+        return
+    if args.setup_only:
+        print(ensure_tf52_venv(quiet=False))
+        return
+    result = compare(
+        questions=args.questions,
+        reps=args.reps,
+        precisions=args.precision,
+        threads=args.threads,
+        pipeline_batch_size=args.pipeline_batch_size,
+        stages=args.stages,
+        model_dir=args.model_dir,
+        keep=args.keep,
+    )
+    print_table(result)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+
+
+if __name__ == "__main__":
+    main()
