@@ -189,8 +189,18 @@ def _child_env(threads: int) -> dict[str, str]:
     return env
 
 
-def _run_child(command: list[str], out: Path, env: dict[str, str], log: Path) -> dict[str, Any]:
+def wait_for_idle(max_load: float | None, timeout: float) -> float:
+    """Wait until the 1-minute load average is below `max_load` (None: don't wait), at most `timeout`
+    seconds; return the load average when starting."""
+    t0 = time.monotonic()
+    while max_load is not None and os.getloadavg()[0] >= max_load and time.monotonic() - t0 < timeout:
+        time.sleep(5)
+    return os.getloadavg()[0]
+
+
+def _run_child(command: list[str], out: Path, env: dict[str, str], log: Path, idle: tuple) -> dict[str, Any]:
     out.unlink(missing_ok=True)
+    load = wait_for_idle(*idle)
     t0 = time.perf_counter()
     with open(log, "w") as fh:
         proc = subprocess.run(command, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
@@ -200,6 +210,7 @@ def _run_child(command: list[str], out: Path, env: dict[str, str], log: Path) ->
         raise RuntimeError(f"{' '.join(command[:4])} ... exited with {proc.returncode}:\n{tail}")
     result = json.loads(out.read_text())
     result["process_seconds"] = wall
+    result["load_average_1min"] = [load, os.getloadavg()[0]]
     return result
 
 
@@ -261,10 +272,14 @@ def compare(
     model_dir: Path = MODEL_DIR,
     params: Path = ROOT / "params.yaml",
     keep: Path | None = None,
+    max_load: float | None = None,
+    max_wait: float = 600,
 ) -> dict[str, Any]:
     """Run both sides `reps` times, alternating (spanflow per precision, then the pipeline), and
     return every figure. `precisions`: "config" (train.precision of params.yaml, resolved for this
-    machine), "bf16", "fp32"; the first one gives the headline ratio and gaps."""
+    machine), "bf16", "fp32"; the first one gives the headline ratio and gaps. With `max_load`, each
+    child waits (at most `max_wait` s) for the 1-minute load average to fall below it: other work on
+    the machine slows the pipeline's batch-1 forwards far more than spanflow's batches."""
     import torch
 
     from spanflow.config import load_config
@@ -338,10 +353,11 @@ def compare(
         load_before = os.getloadavg()[0]
         for rep in range(reps):
             for p in resolved:
-                r = _run_child(spanflow_cmd(p, stages and rep == 0), work / f"spanflow-{p}.json", env, work / "log")
+                cmd = spanflow_cmd(p, stages and rep == 0)
+                r = _run_child(cmd, work / f"spanflow-{p}.json", env, work / "log", (max_load, max_wait))
                 runs[p].append(r)
                 print(f"rep {rep + 1}/{reps} spanflow {p}: {r['questions_per_second']:.2f} q/s", file=sys.stderr)
-            r = _run_child(pipeline_cmd, work / "pipeline.json", env, work / "log")
+            r = _run_child(pipeline_cmd, work / "pipeline.json", env, work / "log", (max_load, max_wait))
             runs["pipeline"].append(r)
             print(f"rep {rep + 1}/{reps} pipeline: {r['questions_per_second']:.2f} q/s", file=sys.stderr)
         load_after = os.getloadavg()[0]
@@ -353,6 +369,7 @@ def compare(
         out = {
             "questions_per_second": _spread([r["questions_per_second"] for r in side_runs]),
             "ms_per_question": statistics.median(1000 * r["seconds"] / r["questions"] for r in side_runs),
+            "load_average_1min_per_rep": [r["load_average_1min"] for r in side_runs],
             "peak_rss_mb": max(r["peak_rss_mb"] for r in side_runs),
             "exact_match": scores["exact_match"],
             "f1": scores["f1"],
@@ -425,6 +442,12 @@ def print_table(result: dict[str, Any]) -> None:
             f"{name:<34} {q['median']:>10.2f} {q['min']:>7.2f}-{q['max']:<7.2f} {s['ms_per_question']:>8.1f} "
             f"{s['exact_match']:>7.2f} {s['f1']:>7.2f} {s['peak_rss_mb']:>8.0f}"
         )
+    for name, s in rows:
+        reps = " ".join(
+            f"{q:.2f}@{load[0]:.1f}"
+            for q, load in zip(s["questions_per_second"]["reps"], s["load_average_1min_per_rep"], strict=True)
+        )
+        print(f"  {name}: q/s@load per rep: {reps}")
     for p, s in result["spanflow"].items():
         v = s["vs_pipeline"]
         d = v["disagreement"]
@@ -456,6 +479,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pipeline-batch-size", type=int, default=1, help="the pipeline's batch_size")
     parser.add_argument("--stages", action="store_true", help="also time spanflow's steps (first rep)")
     parser.add_argument("--json", type=Path, default=None, help="write the result here")
+    parser.add_argument("--max-load", type=float, default=None, help="wait for a 1-min load average below this")
+    parser.add_argument("--max-wait", type=float, default=600, help="seconds to wait for --max-load, per run")
     parser.add_argument("--keep", type=Path, default=None, help="keep the children's files in this folder")
     parser.add_argument("--setup-only", action="store_true", help="only make benchmarks/.venv-tf52")
     # --side spanflow: the child process that runs spanflow's inference (started by `compare`)
@@ -490,6 +515,8 @@ def main(argv: list[str] | None = None) -> None:
         stages=args.stages,
         model_dir=args.model_dir,
         keep=args.keep,
+        max_load=args.max_load,
+        max_wait=args.max_wait,
     )
     print_table(result)
     if args.json:

@@ -168,6 +168,17 @@ def _lever_no_dropout(model: Any) -> None:
             m.p = 0.0
 
 
+def _lever_no_attn_dropout(model: Any) -> None:
+    """Attention-probability dropout off, hidden dropout kept: SDPA then needs no dropout mask over B x H x L x L."""
+    import torch
+
+    for m in model.modules():
+        if type(m).__name__.endswith(("SelfAttention", "CrossAttention")) and isinstance(
+            getattr(m, "dropout", None), torch.nn.Dropout
+        ):
+            m.dropout.p = 0.0
+
+
 def _lever_bf16_frozen(model: Any) -> None:
     """Frozen Linear weights stored in bf16: autocast then has no fp32->bf16 weight copy to make per step."""
     import torch
@@ -204,6 +215,7 @@ def _lever_pad16() -> None:
 
 MODEL_LEVERS = {
     "no-dropout": _lever_no_dropout,
+    "no-attn-dropout": _lever_no_attn_dropout,
     "bf16-frozen": _lever_bf16_frozen,
     "no-input-cast": _lever_no_input_cast,
 }
@@ -415,6 +427,7 @@ def run_side(
     train, val = read_jsonl(data_dir / "train.jsonl"), read_jsonl(data_dir / "val.jsonl")
     tokenizer = load_tokenizer(cfg.model)
     device = default_device()
+    rss_before_model = peak_rss_mb()
     t0 = time.perf_counter()
     set_seed(cfg.train.seed)  # the QA head and the adapters start from the seed, as in the train stage
     prepared = apply_method(load_backbone(cfg.model), cfg.method)
@@ -458,6 +471,7 @@ def run_side(
         "examples_per_cpu_s": counter.rows / out["loop_cpu_seconds"],
         "padding_fraction": 1 - counter.real / counter.positions if counter.positions else 0.0,
         "levers": list(levers or []),
+        "rss_before_model_mb": rss_before_model,
         "peak_rss_load_mb": rss_load,
         "peak_rss_train_mb": rss_train,
         "peak_rss_mb": peak_rss_mb(),
@@ -656,7 +670,7 @@ def main(argv: list[str] | None = None) -> None:
         "--spanflow-lever",
         action="append",
         default=[],
-        help="experimental patch of the spanflow side: no-dropout | bf16-frozen | no-input-cast | pad16",
+        help="experimental patch of the spanflow side: " + " | ".join([*MODEL_LEVERS, *LOOP_LEVERS]),
     )
     parser.add_argument("--trainer-optim", default="adamw_torch", help="TrainingArguments.optim (adamw_torch = ours)")
     parser.add_argument("--vary-seed", action="store_true", help="rep k trains both sides with train.seed + k")

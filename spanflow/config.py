@@ -37,6 +37,7 @@ class DataConfig:
 class ModelConfig:
     name_or_path: str = "default"  # "default" = packaged all-MiniLM-L6-v2; else Hub id or local path
     revision: str | None = None
+    attention_dropout: float | None = 0.0  # dropout on attention probabilities in training (None: the checkpoint's)
 
 
 @dataclass
@@ -52,6 +53,7 @@ class LoraConfig:
     alpha: int = 32
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["query", "key", "value", "dense"])
+    fused: bool = True  # spanflow's fused LoRA Linear (tasks/lora_fused.py); false: PEFT's own forward
 
 
 @dataclass
@@ -292,6 +294,8 @@ def _validate(cfg: Config) -> None:
             f"features.overlap: {f.overlap} must be >= 0 and leave room for context in a chunk of "
             f"{f.chunk_length} tokens with a question of up to {f.max_query_length} tokens"
         )
+    if cfg.model.attention_dropout is not None and not 0 <= cfg.model.attention_dropout < 1:
+        raise ConfigError(f"model.attention_dropout: {cfg.model.attention_dropout} must be in [0, 1) or null")
     if cfg.method.name not in {"lora", "full"}:
         raise ConfigError(f"method.name: unknown method {cfg.method.name!r} (lora, full)")
     if cfg.train.precision not in {"auto", "fp32", "bf16", "fp16"}:

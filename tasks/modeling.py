@@ -11,12 +11,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForQuestionAnswering, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModelForQuestionAnswering,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 from transformers.utils import logging as hf_logging
 
 from spanflow.config import MethodConfig, ModelConfig
 
 QA_HEAD = "qa_outputs"
+ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")  # BERT/ALBERT, DistilBERT/others
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -35,13 +43,35 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerFast:
     return tok
 
 
+def backbone_config(cfg: ModelConfig) -> PretrainedConfig:
+    """The checkpoint's config with `model.attention_dropout` applied.
+
+    Dropout on the attention probabilities draws a mask over batch x heads x tokens x tokens per layer and
+    keeps PyTorch's fused (flash) attention kernel from running: on the CPU it was two thirds of a training
+    step (benchmarks/README.md). Hidden-state dropout stays as the checkpoint has it.
+    """
+    path = resolve_model_path(cfg.name_or_path)
+    config = AutoConfig.from_pretrained(path, revision=cfg.revision)
+    if cfg.attention_dropout is not None:
+        keys = [k for k in ATTENTION_DROPOUT_KEYS if hasattr(config, k)]
+        if not keys:
+            raise ValueError(
+                f"model.attention_dropout: {type(config).__name__} of {cfg.name_or_path} has none of"
+                f" {', '.join(ATTENTION_DROPOUT_KEYS)}; set model.attention_dropout to null"
+            )
+        for key in keys:
+            setattr(config, key, cfg.attention_dropout)
+    return config
+
+
 def load_backbone(cfg: ModelConfig) -> PreTrainedModel:
     """Encoder with a QA head (the head starts untrained when the checkpoint has none)."""
+    config = backbone_config(cfg)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "qa_outputs newly initialized" report is expected
     try:
         return AutoModelForQuestionAnswering.from_pretrained(
-            resolve_model_path(cfg.name_or_path), revision=cfg.revision
+            resolve_model_path(cfg.name_or_path), revision=cfg.revision, config=config
         )
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -76,7 +106,12 @@ def _lora(backbone: PreTrainedModel, cfg: MethodConfig) -> torch.nn.Module:
         target_modules=lora.target_modules,
         modules_to_save=[QA_HEAD],
     )
-    return get_peft_model(backbone, peft_cfg)
+    model = get_peft_model(backbone, peft_cfg)
+    if lora.fused:
+        from tasks.lora_fused import fuse_lora
+
+        fuse_lora(model)
+    return model
 
 
 METHODS: dict[str, Callable[[PreTrainedModel, MethodConfig], torch.nn.Module]] = {

@@ -1,0 +1,102 @@
+"""A fused path for PEFT's LoRA Linear layers: y = x·Wᵀ + b + (x·Aᵀ)·(s·B)ᵀ as one autograd node.
+
+PEFT's forward runs the frozen base layer, casts the activation to the adapter's fp32 dtype, then applies A,
+B, the scaling and the sum as separate ops, each one more pass over a batch × tokens × features tensor; under
+autocast it also re-casts the frozen fp32 weight on every call, and autograd saves that copy. Here the frozen
+weight is cast once per dtype and kept, the scaling folds into B, the adapter's product is added inside the
+base matmul (addmm), and the backward computes only the input gradient and the two small adapter gradients.
+Same function, same parameters and state dict: checkpoints, `merge_and_unload` and export are unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+
+class _LoraLinearFn(torch.autograd.Function):
+    """x (N, in) in the compute dtype; weight (out, in) already in it; lora_a (r, in), lora_b (out, r) fp32."""
+
+    @staticmethod
+    def forward(ctx: Any, x, weight, bias, lora_a, lora_b, scaling: float):  # noqa: ANN001, ANN205
+        a = lora_a.to(x.dtype)
+        b = (lora_b * scaling).to(x.dtype)
+        h = x @ a.t()
+        y = x @ weight.t() if bias is None else torch.addmm(bias.to(x.dtype), x, weight.t())
+        y.addmm_(h, b.t())
+        ctx.save_for_backward(x, weight, a, b, h)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, gy):  # noqa: ANN001, ANN205
+        x, weight, a, b, h = ctx.saved_tensors
+        gy = gy.to(x.dtype)
+        gh = gy @ b  # gradient at h = x·Aᵀ (b already holds the scaling)
+        gx = (gy @ weight).addmm_(gh, a) if ctx.needs_input_grad[0] else None
+        ga = (gh.t() @ x).float() if ctx.needs_input_grad[3] else None
+        gb = (gy.t() @ h).float().mul_(ctx.scaling) if ctx.needs_input_grad[4] else None
+        return gx, None, None, ga, gb, None
+
+
+class FusedLoraLinear(PeftLoraLinear):
+    """PEFT's LoRA Linear with the fused forward where it applies (one plain adapter, no dropout, frozen base,
+    unmerged); anything else goes through PEFT's own forward."""
+
+    def _fusable(self) -> bool:
+        if self.disable_adapters or self.merged or len(self.active_adapters) != 1:
+            return False
+        name = self.active_adapters[0]
+        base = self.get_base_layer()
+        return (
+            name in self.lora_A
+            and name not in self.lora_variant
+            and isinstance(self.lora_dropout[name], torch.nn.Identity)
+            and type(base) is torch.nn.Linear
+            and not base.weight.requires_grad
+            and (base.bias is None or not base.bias.requires_grad)
+        )
+
+    def _weight_in(self, dtype: torch.dtype) -> torch.Tensor:
+        """The frozen base weight in `dtype`, cast once and kept while the weight is unchanged."""
+        weight = self.get_base_layer().weight
+        if weight.dtype == dtype:
+            return weight
+        key = (dtype, weight.data_ptr(), weight._version)
+        cached = getattr(self, "_spanflow_cast", None)
+        if cached is None or cached[0] != key:
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor: autograd may save it
+                cached = (key, weight.detach().to(dtype))
+            self._spanflow_cast = cached
+        return cached[1]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args or kwargs or not self._fusable():
+            return super().forward(x, *args, **kwargs)
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        name = self.active_adapters[0]
+        base = self.get_base_layer()
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        with torch.autocast(device, enabled=False):  # dtypes are set here; autocast must not re-cast
+            y = _LoraLinearFn.apply(
+                x2,
+                self._weight_in(dtype),
+                base.bias,
+                self.lora_A[name].weight,
+                self.lora_B[name].weight,
+                float(self.scaling[name]),
+            )
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def fuse_lora(model: torch.nn.Module) -> int:
+    """Switch every PEFT LoRA Linear of `model` to the fused path; returns how many were switched."""
+    count = 0
+    for module in model.modules():
+        if type(module) is PeftLoraLinear:
+            module.__class__ = FusedLoraLinear
+            count += 1
+    return count
