@@ -114,16 +114,18 @@ def print_table(res: dict[str, Any]) -> None:
     print("| variant | trainable params | ms/step | training memory MB | peak RSS MB | val F1 |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, m in res["summary"].items():
-        st, mem = m["step_seconds"], m["train_memory_mb"]
+        st, mem = ({k: round(v * 1000) for k, v in m["step_seconds"].items()}), m["train_memory_mb"]
         print(
-            f"| {name} | {m['trainable_params']:,} | {1000 * st['median']:.0f} ({1000 * st['min']:.0f}..{1000 * st['max']:.0f})"
+            f"| {name} | {m['trainable_params']:,} | {st['median']} ({st['min']}..{st['max']})"
             f" | {mem['median']:.0f} ({mem['min']:.0f}..{mem['max']:.0f}) | {m['peak_rss_train_mb']['median']:.0f}"
             f" | {m['val_f1']['median']:.2f} |"
         )
     print(
-        f"lora_step_time_ratio {res['lora_step_time_ratio']:.2f} (PEFT's forward: {res['peft_lora_step_time_ratio']:.2f}),"
+        f"lora_step_time_ratio {res['lora_step_time_ratio']:.2f}"
+        f" (PEFT's forward: {res['peft_lora_step_time_ratio']:.2f}),"
         f" lora_peak_memory_ratio {res['lora_peak_memory_ratio']:.2f}"
-        f" (PEFT's forward: {res['peft_lora_peak_memory_ratio']:.2f}; whole-process RSS {res['lora_peak_rss_ratio']:.2f})"
+        f" (PEFT's forward: {res['peft_lora_peak_memory_ratio']:.2f};"
+        f" whole-process RSS {res['lora_peak_rss_ratio']:.2f})"
     )
 
 

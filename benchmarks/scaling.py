@@ -202,7 +202,8 @@ def print_table(res: dict[str, Any]) -> None:
     for key, fit in res["chunk_fits"].items():
         print(
             f"{key}: slope {fit['slope_ms_per_chunk']:.1f} ms per chunk, intercept {fit['intercept_ms']:.1f} ms,"
-            f" x{fit['growth_largest_vs_smallest']:.2f} from {ks[0]} to {ks[-1]} chunks (linear: x{fit['linear_growth']:.0f})"
+            f" x{fit['growth_largest_vs_smallest']:.2f} from {ks[0]} to {ks[-1]} chunks"
+            f" (linear: x{fit['linear_growth']:.0f})"
         )
 
 
