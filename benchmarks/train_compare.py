@@ -56,6 +56,9 @@ METRICS = (
     "examples_per_cpu_s",
     "foreign_cpu",
 )
+# The reference trains the checkpoint as Hugging Face ships it, through PEFT's own LoRA forward: attention dropout
+# off and the fused LoRA Linear are spanflow's levers, and must earn their speed at equal F1.
+TRAINER_MODEL = ["model.attention_dropout=null", "method.lora.fused=false"]
 CONTENDED = 0.10  # foreign_cpu above this: another process took a tenth of the machine during the loop
 
 
@@ -539,7 +542,7 @@ def compare(
             seed = [f"train.seed={cfg.train.seed + rep}"] if vary_seed else []
             for side in SIDES if rep % 2 == 0 else SIDES[::-1]:  # alternate, so drift hits both sides alike
                 ours = side == "spanflow"
-                side_overrides = seed + (spanflow_overrides if ours else [])
+                side_overrides = seed + (spanflow_overrides if ours else TRAINER_MODEL)
                 run = _spawn(side, steps, data_dir, side_overrides, trainer_optim, levers if ours else [])
                 runs[side].append({**run, "seed": cfg.train.seed + rep if vary_seed else cfg.train.seed})
                 print(

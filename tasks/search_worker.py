@@ -121,12 +121,15 @@ class SearchWorker:
         self._backbone: torch.nn.Module | None = None
         self._chunks: dict[tuple[int, int], tuple[Features, Features]] = {}
         self._records: tuple[list[Record], list[Record]] | None = None
+        self.backbone_loads = 0  # both counters go on every trial: proof that the caches hold
+        self.featurize_calls = 0
 
     # --- loaded once per worker -------------------------------------------------------------
     def backbone(self) -> torch.nn.Module:
         if self._backbone is None:
             set_seed(self.cfg.train.seed)  # the QA head starts from the seed
             self._backbone = load_backbone(self.cfg.model)
+            self.backbone_loads += 1
         return self._backbone
 
     def chunks(self, point: GridPoint) -> tuple[Features, Features, list[Record]]:
@@ -141,6 +144,7 @@ class SearchWorker:
         if key not in self._chunks:
             q = self.cfg.features.max_query_length
             self._chunks[key] = (featurize(train, self.tokenizer, *key, q), featurize(val, self.tokenizer, *key, q))
+            self.featurize_calls += 2
         return *self._chunks[key], val
 
     # --- the loop -----------------------------------------------------------------------------
@@ -242,6 +246,8 @@ class SearchWorker:
             "epoch_seconds": [round(h.seconds, 2) for h in history],
             "val_exact_match": best.val_exact_match if best else None,
             "last_val_f1": history[-1].val_f1 if history else None,
+            "worker_backbone_loads": self.backbone_loads,  # so far in this worker process
+            "worker_featurize_calls": self.featurize_calls,
         }
         if error:
             attrs["error"] = error

@@ -113,6 +113,12 @@ def test_search_trains_each_valid_point_once_skips_invalid_ones_and_nests_runs(p
         assert f"{key},48,32," in trials_csv and "context tokens" in trials_csv
     assert set(study.user_attrs["skipped_points"]) == SKIPPED
     assert HEATMAP_FILE.stat().st_size > 10_000
+    # one in-process worker: the backbone loaded once, each (chunk length, overlap) tokenized once per split
+    pairs = {(t.params["chunk_length"], t.params["overlap"]) for t in study.trials}
+    assert len(pairs) == 3
+    by_number = sorted(study.trials, key=lambda t: t.number)
+    assert [t.user_attrs["worker_backbone_loads"] for t in by_number] == [1] * len(VALID)
+    assert by_number[-1].user_attrs["worker_featurize_calls"] == 2 * len(pairs)
 
     # the best point: the highest validation F1 among complete trials, handed on to the final stages
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]

@@ -518,3 +518,25 @@ def test_select_by_last_keeps_the_last_epoch(train) -> None:
     last = len(run.result.history)
     assert run.result.best_epoch == last
     _assert_same_weights(trainable_state(run.prepared.model), run.weights[last])
+
+
+def test_attention_dropout_setting_reaches_the_attention_probabilities_only(model_dir: Path) -> None:
+    base = tiny_config(model_dir)
+    assert base.model.attention_dropout == 0.0  # the default: the fused attention kernel can run
+    model = load_backbone(base.model)
+    assert model.config.attention_probs_dropout_prob == 0.0
+    assert model.config.hidden_dropout_prob == 0.1  # hidden-state dropout stays as the checkpoint has it
+    kept = load_backbone(tiny_config(model_dir, ["model.attention_dropout=null"]).model)
+    assert kept.config.attention_probs_dropout_prob == 0.1  # null: the checkpoint's own value
+
+
+def test_attention_dropout_on_a_model_without_that_setting_is_refused(tmp_path: Path) -> None:
+    from transformers import GPT2Config
+
+    from tasks.modeling import backbone_config
+
+    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path)
+    refused = r"model\.attention_dropout: GPT2Config .* set model.attention_dropout to null"
+    with pytest.raises(ValueError, match=refused):
+        backbone_config(ModelConfig(name_or_path=str(tmp_path), attention_dropout=0.0))
+    assert backbone_config(ModelConfig(name_or_path=str(tmp_path), attention_dropout=None)).attn_pdrop == 0.1
