@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint repro clean
+.PHONY: install run test lint repro bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: install  ## ruff, then pytest (exit 5, "no tests ran", fails the target)
 
 repro: install  ## the same stages through DVC
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+bench: install  ## benchmarks/bench.py -> benchmarks/results.{md,json} + MLflow (needs make run's trained model)
+	@test -f models/final/hf/model.safetensors || $(MAKE) run
+	$(BIN)/python -m benchmarks.bench
 
 clean:
 	rm -rf data/prepared data/features models results mlflow.db mlruns/*

@@ -169,6 +169,16 @@ def measure(
     for length in lengths:
         overlap = min(f.overlap, length // 4)
         by_length.append(point(length, overlap, 1))
+    length_fits = {}
+    for key in ("infer_ms_per_chunk", "train_ms_per_chunk"):
+        xs, ys = [float(r["chunk_length"]) for r in by_length], [r[key] for r in by_length]
+        slope, intercept = _slope(xs, ys)
+        length_fits[key] = {
+            "slope_ms_per_token": slope,
+            "intercept_ms": intercept,
+            "growth_largest_vs_smallest": ys[-1] / ys[0],
+            "linear_growth": xs[-1] / xs[0],  # attention is quadratic in length: above this, it shows
+        }
     return {
         "settings": {
             "questions": len(base),
@@ -185,6 +195,7 @@ def measure(
         "by_chunks": by_chunks,
         "chunk_fits": fits,
         "by_chunk_length": by_length,
+        "length_fits": length_fits,
     }
 
 
@@ -204,6 +215,13 @@ def print_table(res: dict[str, Any]) -> None:
             f"{key}: slope {fit['slope_ms_per_chunk']:.1f} ms per chunk, intercept {fit['intercept_ms']:.1f} ms,"
             f" x{fit['growth_largest_vs_smallest']:.2f} from {ks[0]} to {ks[-1]} chunks"
             f" (linear: x{fit['linear_growth']:.0f})"
+        )
+    lengths = res["settings"]["lengths"]
+    for key, fit in res.get("length_fits", {}).items():
+        print(
+            f"{key}: slope {fit['slope_ms_per_token']:.3f} ms per token of chunk length,"
+            f" x{fit['growth_largest_vs_smallest']:.2f} from {lengths[0]} to {lengths[-1]} tokens"
+            f" (linear: x{fit['linear_growth']:.1f})"
         )
 
 

@@ -1,0 +1,341 @@
+"""`make bench`: spanflow against the tools a user would pick instead, in one run, as ratios.
+
+    .venv/bin/python -m benchmarks.bench [--quick] [--only train infer lora scaling grid] [--no-mlflow]
+
+1. training: spanflow's trainer vs a `transformers.Trainer` run prepared like run_qa.py (benchmarks.train_compare);
+2. inference: spanflow's chunked evaluation vs the transformers 5.2.0 `question-answering` pipeline over the dev
+   questions, same merged weights (benchmarks.infer_compare);
+3. LoRA vs full fine-tuning: step time and training memory (benchmarks.lora_vs_full);
+4. scaling: time per question at 1, 2, 4, 8 chunks per question and per chunk at chunk length 128 -> 384
+   (benchmarks.scaling);
+5. grid search: a real `spanflow tune` in a scratch project, reading how often each worker loaded the backbone
+   and tokenized the splits.
+
+Every comparison runs its sides in their own processes, alternating rep by rep, and reports medians with their
+range. Writes benchmarks/results.json (machine, versions, settings, every figure; the headline ratios at top
+level) and benchmarks/results.md, and logs both to MLflow (experiment `spanflow-benchmarks`). A benchmark, not
+a test: the figures hold for this machine and this run. The inference comparison needs the trained model of
+`make run` (models/final/hf).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_JSON = ROOT / "benchmarks" / "results.json"
+RESULTS_MD = ROOT / "benchmarks" / "results.md"
+SECTIONS = ("train", "infer", "lora", "scaling", "grid")
+EXPERIMENT = "spanflow-benchmarks"
+
+# sizes of each comparison; --quick is a smoke run of the harness (its figures mean little)
+PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    "full": {
+        "train": {"steps": 120, "reps": 3, "val_questions": 300, "vary_seed": True},
+        "infer": {"questions": None, "reps": 3, "precisions": ["config", "fp32"]},
+        "lora": {"steps": 30, "reps": 3, "train_questions": 400, "val_questions": 100},
+        "scaling": {"questions": 24, "train_steps": 4, "reps": 3},
+    },
+    "quick": {
+        "train": {"steps": 6, "reps": 1, "train_questions": 48, "val_questions": 40, "vary_seed": False},
+        "infer": {"questions": 40, "reps": 1, "precisions": ["config"]},
+        "lora": {"steps": 4, "reps": 1, "train_questions": 48, "val_questions": 20},
+        "scaling": {"questions": 4, "chunks": (1, 2), "lengths": (128, 256), "train_steps": 1, "reps": 1},
+    },
+}
+
+# (figure, comparison, threshold, what the issue asks for)
+TARGETS = [
+    ("train_speedup_vs_trainer", ">=", 2.0, "training examples/s vs the Trainer reference"),
+    ("f1_gap_vs_trainer", "abs<=", 1.0, "validation F1 of the two trainings agree (else the speed claim is void)"),
+    ("inference_speedup_vs_pipeline", ">=", 3.0, "questions/s vs the transformers 5.2.0 pipeline"),
+    ("f1_gap_vs_pipeline", "abs<=", 0.5, "dev F1 of the two inferences agree"),
+    ("em_gap_vs_pipeline", "abs<=", 0.5, "dev EM of the two inferences agree"),
+    ("lora_step_time_ratio", "<=", 0.8, "LoRA step time / full fine-tuning"),
+    ("lora_peak_memory_ratio", "<=", 0.6, "LoRA training memory / full fine-tuning"),
+]
+HEADLINE = [
+    "train_speedup_vs_trainer",
+    "inference_speedup_vs_pipeline",
+    "lora_step_time_ratio",
+    "lora_peak_memory_ratio",
+    "f1_gap_vs_trainer",
+    "f1_gap_vs_pipeline",
+]
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    import peft
+    import torch
+    import transformers
+
+    cpu, flags = platform.processor(), set()
+    with contextlib.suppress(OSError):  # Linux: the CPU's name and its instruction-set flags
+        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
+        cpu = info.get("model name\t", cpu).strip()
+        flags = set(info.get("flags\t\t", "").split())
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "cpu_bf16": sorted(flags & {"amx_bf16", "amx_tile", "avx512_bf16"}),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "git_commit": commit.stdout.strip() or "unknown",
+    }
+
+
+# --------------------------------------------------------------------------- the sections
+
+
+def run_train(sizes: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    from benchmarks import train_compare
+
+    return train_compare.compare(overrides=overrides, **sizes)
+
+
+def run_infer(sizes: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    from benchmarks import infer_compare
+
+    if overrides:
+        print("note: --set does not reach the inference comparison (it reads params.yaml)", file=sys.stderr)
+    return infer_compare.compare(**sizes)
+
+
+def run_lora(sizes: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    from benchmarks import lora_vs_full
+
+    return lora_vs_full.compare(overrides=overrides, **sizes)
+
+
+def run_scaling(sizes: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    from benchmarks import scaling
+
+    return scaling.measure(overrides=overrides, **sizes)
+
+
+def run_grid(sizes: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A real `spanflow tune` (2 chunk lengths x 1 overlap x 2 ranks, a few steps each) in a scratch project;
+    then, per worker, backbone loads and featurize calls against the points it trained."""
+    import optuna
+    import yaml
+
+    data = ROOT / "data" / "squad"
+    params = {
+        "data": {
+            "train": str(data / "train-v1.1-head.json"),
+            "dev": str(data / "dev-v1.1-head.json"),
+            "train_limit": 300,  # 10% of its articles are the validation split the trials score on
+        },
+        "search": {
+            "space": {"chunk_length": [128, 256], "overlap": [32], "lora_rank": [4, 8]},
+            "trial": {"train_questions": 32, "epochs": 1, "max_steps": 2},
+            "pruner": {"name": "none"},
+        },
+        "train": {"batch_size": 8},
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-grid-") as tmp:
+        (Path(tmp) / "params.yaml").write_text(yaml.safe_dump(params))
+        cmd = [str(Path(sys.executable).parent / "spanflow"), "tune", "--params", "params.yaml"]
+        for o in overrides:
+            cmd += ["--set", o]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(f"spanflow tune failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        storage = f"sqlite:///{tmp}/optuna.db"
+        (summary,) = optuna.get_all_study_summaries(storage)
+        trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
+    workers: dict[str, dict[str, Any]] = {}
+    for t in sorted(trials, key=lambda t: t.number):
+        w = workers.setdefault(t.user_attrs["worker"], {"points": [], "splittings": set()})
+        w["points"].append(t.user_attrs["point"])
+        w["splittings"].add((t.params["chunk_length"], t.params["overlap"]))
+        w["backbone_loads"] = t.user_attrs["worker_backbone_loads"]
+        w["featurize_calls"] = t.user_attrs["worker_featurize_calls"]
+    for w in workers.values():
+        w["splittings"] = sorted(w["splittings"])
+        w["featurize_calls_without_reuse"] = 2 * len(w["points"])  # train + validation split per point
+    return {
+        "points": len(trials),
+        "seconds": seconds,
+        "workers": workers,
+        "backbone_once_per_worker": all(w["backbone_loads"] == 1 for w in workers.values()),
+        "features_once_per_splitting": all(w["featurize_calls"] == 2 * len(w["splittings"]) for w in workers.values()),
+    }
+
+
+RUNNERS = {"train": run_train, "infer": run_infer, "lora": run_lora, "scaling": run_scaling, "grid": run_grid}
+
+
+# --------------------------------------------------------------------------- results
+
+
+def headline(sections: dict[str, Any]) -> dict[str, float | None]:
+    """The top-level figures of results.json (None when their comparison did not run)."""
+    train, infer, lora = sections.get("train"), sections.get("infer"), sections.get("lora")
+    return {
+        "train_speedup_vs_trainer": train and train["train_speedup_vs_trainer"],
+        "f1_gap_vs_trainer": train and train["f1_gap_vs_trainer"],
+        "inference_speedup_vs_pipeline": infer and infer["inference_speedup_vs_pipeline"],
+        "f1_gap_vs_pipeline": infer and infer["f1_gap_vs_pipeline"],
+        "em_gap_vs_pipeline": infer and infer["em_gap_vs_pipeline"],
+        "lora_step_time_ratio": lora and lora["lora_step_time_ratio"],
+        "lora_peak_memory_ratio": lora and lora["lora_peak_memory_ratio"],
+    }
+
+
+def check_targets(figures: dict[str, float | None]) -> list[dict[str, Any]]:
+    rows = []
+    for key, op, threshold, what in TARGETS:
+        value = figures.get(key)
+        met = None
+        if value is not None:
+            met = value >= threshold if op == ">=" else value <= threshold if op == "<=" else abs(value) <= threshold
+        rows.append({"figure": key, "value": value, "target": f"{op.replace('abs', '|x| ')} {threshold}", "met": met,
+                     "what": what})  # fmt: skip
+    return rows
+
+
+def _captured(fn, *args) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        fn(*args)
+    return out.getvalue().strip()
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """results.md: the targets, then each comparison's own table."""
+    from benchmarks import infer_compare, lora_vs_full, scaling, train_compare
+
+    m, s = result["machine"], result["sections"]
+    lines = [
+        "# spanflow benchmarks",
+        "",
+        f"`make bench` ({result['profile']} profile), {m['date']}, commit {m['git_commit']}.",
+        f"{m['cpu']} ({m['cpu_count']} CPUs, bf16: {', '.join(m['cpu_bf16']) or 'none'}), GPU: {m['gpu'] or 'none'};"
+        f" torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, Python {m['python']}."
+        f" Total {result['seconds'] / 60:.1f} min.",
+        "",
+        "| figure | value | target | met | what |",
+        "| --- | ---: | --- | --- | --- |",
+    ]
+    for t in result["targets"]:
+        value = "not run" if t["value"] is None else f"{t['value']:.2f}"
+        met = {True: "yes", False: "**no**", None: "-"}[t["met"]]
+        lines.append(f"| `{t['figure']}` | {value} | {t['target']} | {met} | {t['what']} |")
+    printers = {
+        "train": ("Training: spanflow vs transformers.Trainer (run_qa.py features)", train_compare.print_table),
+        "infer": (
+            "Inference: spanflow vs the transformers 5.2.0 question-answering pipeline",
+            infer_compare.print_table,
+        ),
+        "lora": ("LoRA vs full fine-tuning", lora_vs_full.print_table),
+        "scaling": ("Scaling with the context", scaling.print_table),
+    }
+    for key, (title, printer) in printers.items():
+        if key in s:
+            table = _captured(printer, s[key])
+            fenced = key == "infer"  # a fixed-width table
+            lines += ["", f"## {title}", "", *(["```"] if fenced else []), table, *(["```"] if fenced else [])]
+    if "grid" in s:
+        g = s["grid"]
+        lines += ["", "## Grid search: what each worker loads", ""]
+        lines += [
+            f"`spanflow tune` on a scratch project, {g['points']} points in {g['seconds']:.0f} s:"
+            f" backbone loaded once per worker: {g['backbone_once_per_worker']};"
+            f" features tokenized once per (chunk length, overlap): {g['features_once_per_splitting']}.",
+            "",
+            "| worker | points | splittings | backbone loads | featurize calls | without reuse |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for name, w in g["workers"].items():
+            lines.append(
+                f"| {name} | {len(w['points'])} | {len(w['splittings'])} | {w['backbone_loads']} |"
+                f" {w['featurize_calls']} | {w['featurize_calls_without_reuse']} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def log_to_mlflow(result: dict[str, Any], json_path: Path, md_path: Path) -> str:
+    import mlflow
+
+    from spanflow.config import load_config
+    from tasks.tracking import setup_mlflow
+
+    cfg = load_config(ROOT / "params.yaml", [f"tracking.experiment={EXPERIMENT}"])
+    experiment_id = setup_mlflow(cfg)
+    metrics = {k: float(v) for k, v in result.items() if k in HEADLINE + ["em_gap_vs_pipeline"] and v is not None}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"bench-{result['profile']}") as run:
+        mlflow.set_tags({"bench.profile": result["profile"], **{f"machine.{k}": str(v) for k, v in
+                                                                  result["machine"].items()}})  # fmt: skip
+        mlflow.log_params({f"{sec}.{k}": str(v) for sec, sizes in result["sizes"].items() for k, v in sizes.items()})
+        mlflow.log_metrics(metrics | {"targets_met": sum(bool(t["met"]) for t in result["targets"])})
+        mlflow.log_artifact(str(json_path))
+        mlflow.log_artifact(str(md_path))
+    return run.info.run_id
+
+
+def main(argv: list[str] | None = None) -> None:
+    from tasks.io_utils import atomic_write_json, atomic_write_text
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness, not the speed")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="params override (both sides)")
+    parser.add_argument("--json", type=Path, default=RESULTS_JSON)
+    parser.add_argument("--md", type=Path, default=RESULTS_MD)
+    parser.add_argument("--no-mlflow", action="store_true")
+    args = parser.parse_args(argv)
+
+    os.chdir(ROOT)  # the comparisons read params.yaml, data/ and models/ relative to the project
+    profile = "quick" if args.quick else "full"
+    sizes = {k: v for k, v in PROFILES[profile].items() if k in args.only}
+    t0 = time.perf_counter()
+    sections: dict[str, Any] = {}
+    for name in args.only:
+        print(f"== {name} ==", file=sys.stderr)
+        t = time.perf_counter()
+        sections[name] = RUNNERS[name](dict(sizes.get(name, {})), args.overrides)
+        sections[name]["section_seconds"] = time.perf_counter() - t
+    figures = headline(sections)
+    result = {
+        **{k: figures[k] for k in HEADLINE},
+        "em_gap_vs_pipeline": figures["em_gap_vs_pipeline"],
+        "profile": profile,
+        "seconds": time.perf_counter() - t0,
+        "machine": machine(),
+        "sizes": sizes,
+        "overrides": args.overrides,
+        "targets": check_targets(figures),
+        "sections": sections,
+    }
+    atomic_write_json(args.json, result)
+    atomic_write_text(args.md, markdown(result))
+    if not args.no_mlflow:
+        result_run = log_to_mlflow(result, args.json, args.md)
+        print(f"logged to MLflow experiment {EXPERIMENT}, run {result_run}", file=sys.stderr)
+    print(args.md.read_text())
+
+
+if __name__ == "__main__":
+    main()
