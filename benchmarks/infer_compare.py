@@ -105,11 +105,11 @@ def spanflow_side(args: argparse.Namespace) -> dict[str, Any]:
     answer_texts over all records; with `stages`, one more pass timed stage by stage."""
     import torch
     import transformers
-    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from tasks.data import read_jsonl
     from tasks.features import featurize
-    from tasks.inference import answer_questions, default_device, resolve_precision, run_model
+    from tasks.inference import answer_questions, default_device, load_qa_model, resolve_precision, run_model
     from tasks.spans import answer_texts, best_spans
 
     if args.threads:
@@ -117,8 +117,8 @@ def spanflow_side(args: argparse.Namespace) -> dict[str, Any]:
     records = read_jsonl(args.records)
     device = default_device()
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    model = AutoModelForQuestionAnswering.from_pretrained(args.model_dir).to(device)
     precision = resolve_precision(args.precision, device)
+    model = load_qa_model(args.model_dir, precision, device)  # as the evaluate stage and the served model load it
     feat_args = (args.chunk_length, args.overlap, args.max_query_length)
 
     def answer(recs: list[dict]) -> list[str]:

@@ -85,7 +85,7 @@ class TrainConfig:
 class EvalConfig:
     max_answer_length: int = 30  # tokens
     n_best: int = 20
-    batch_size: int = 64
+    batch_size: int = 16
     no_answer_threshold: float = 0.0  # v2.0: predict "" when null score - best span score > this
 
 

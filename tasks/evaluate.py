@@ -9,13 +9,13 @@ from pathlib import Path
 import mlflow
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+from transformers import AutoTokenizer
 
 from spanflow.config import Config
 from spanflow.paths import MODEL, PREPARED, RESULTS
 from tasks.best_params import final_config
 from tasks.data import read_jsonl
-from tasks.inference import answer_questions, default_device, resolve_precision
+from tasks.inference import answer_questions, default_device, load_qa_model, resolve_precision
 from tasks.io_utils import atomic_write_json
 from tasks.spans import answer_texts
 from tasks.squad_metrics import score
@@ -33,8 +33,8 @@ def predict_records(
     and the precision it ran in. The promotion gate re-scores an old champion through here too."""
     device = default_device()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForQuestionAnswering.from_pretrained(model_dir).to(device)
     precision = resolve_precision(cfg.train.precision, device)
+    model = load_qa_model(model_dir, precision, device)
     t0 = time.perf_counter()
     answers = answer_questions(
         model,

@@ -47,15 +47,14 @@ def request_records(model_input: pd.DataFrame | dict, max_batch: int) -> list[di
 
 class SpanQAModel(PythonModel):
     def load_context(self, context: PythonModelContext) -> None:
-        from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        from tasks.inference import default_device
+        from tasks.inference import default_device, load_qa_model
 
         with open(context.artifacts["settings"]) as fh:
             self.settings = json.load(fh)
         self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["model_dir"])
-        self.model = AutoModelForQuestionAnswering.from_pretrained(context.artifacts["model_dir"])
-        self.model.to(default_device()).eval()
+        self.model = load_qa_model(context.artifacts["model_dir"], self.settings["precision"], default_device())
 
     def predict(
         self, context: PythonModelContext, model_input: pd.DataFrame, params: dict | None = None
