@@ -76,6 +76,7 @@ class TrainConfig:
     select_by: str = "val_f1"  # weights kept at the end: best epoch by val_f1 or val_loss, or the last
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
     group_by_length: bool = True  # batch features of similar length (less padding)
+    pad_to_multiple_of: int = 16  # batch width rounded up: fewer distinct shapes for oneDNN and the allocator
     seed: int = 42
     num_threads: int | None = None  # torch intra-op threads (None = torch default)
     include_validation: bool = True  # final model on training + validation articles (no per-epoch validation)
@@ -306,7 +307,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("train.early_stopping_patience: must be >= 1")
     if not 0 <= cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction: {cfg.data.val_fraction} must be in [0, 1)")
-    for key in ("epochs", "batch_size", "grad_accum_steps"):
+    for key in ("epochs", "batch_size", "grad_accum_steps", "pad_to_multiple_of"):
         if getattr(cfg.train, key) < 1:
             raise ConfigError(f"train.{key}: must be >= 1")
     _validate_search(cfg)

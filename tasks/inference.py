@@ -53,9 +53,12 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def pad_batch(feats: Features, idx: list[int], pad_id: int, with_labels: bool) -> dict[str, torch.Tensor]:
-    """Dynamic padding: pad to the longest chunk of this batch only."""
+def pad_batch(
+    feats: Features, idx: list[int], pad_id: int, with_labels: bool, multiple_of: int = 1
+) -> dict[str, torch.Tensor]:
+    """Dynamic padding: pad to the longest chunk of this batch, rounded up to `multiple_of` tokens."""
     width = max(len(feats.input_ids[i]) for i in idx)
+    width += -width % multiple_of
     ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
     types = torch.zeros((len(idx), width), dtype=torch.long)
     mask = torch.zeros((len(idx), width), dtype=torch.long)

@@ -187,7 +187,8 @@ def train_model(
         interval = 0.1 if sys.stderr.isatty() else 30.0
         bar = tqdm(batches, desc=f"epoch {epoch}/{tc.epochs}", unit="batch", leave=False, mininterval=interval)
         for k, idx in enumerate(bar):
-            batch = {key: v.to(device) for key, v in pad_batch(train_feats, idx, pad_id, True).items()}
+            padded = pad_batch(train_feats, idx, pad_id, True, tc.pad_to_multiple_of)
+            batch = {key: v.to(device) for key, v in padded.items()}
             with autocast(device, precision):
                 loss = model(**batch).loss
             scaler.scale(loss / tc.grad_accum_steps).backward()

@@ -261,6 +261,23 @@ def test_pad_batch_pads_to_the_longest_chunk_of_the_batch(feats: Features) -> No
     assert set(pad_batch(feats, idx, 0, with_labels=False)) == {"input_ids", "token_type_ids", "attention_mask"}
 
 
+@pytest.mark.parametrize("multiple", [8, 16])
+def test_pad_batch_rounds_the_width_up_to_a_multiple(feats: Features, multiple: int) -> None:
+    idx = [0, 1, 2]
+    longest = max(len(feats.input_ids[i]) for i in idx)
+    batch = pad_batch(feats, idx, pad_id=0, with_labels=True, multiple_of=multiple)
+    width = batch["input_ids"].shape[1]
+    assert width % multiple == 0 and longest <= width < longest + multiple
+    assert batch["attention_mask"].sum().item() == sum(len(feats.input_ids[i]) for i in idx)  # pads stay masked
+
+
+def test_pad_to_multiple_of_below_one_is_refused() -> None:
+    from spanflow.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="train.pad_to_multiple_of: must be >= 1"):
+        load_config(None, ["train.pad_to_multiple_of=0"])
+
+
 def test_run_model_is_independent_of_batching(model_dir: Path, feats: Features, tokenizer) -> None:
     model = load_backbone(ModelConfig(name_or_path=str(model_dir)))
     model.train()
