@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -133,8 +134,9 @@ def run_scaling(sizes: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
 
 
 def run_grid(sizes: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """A real `spanflow tune` (2 chunk lengths x 1 overlap x 2 ranks, a few steps each) in a scratch project;
-    then, per worker, backbone loads and featurize calls against the points it trained."""
+    """A real `spanflow tune` (2 chunk lengths x 1 overlap x 2 ranks, a few steps each) in a scratch project with
+    its own params (the comparisons' overrides do not apply); then, per worker, backbone loads and featurize
+    calls against the points it trained."""
     import optuna
     import yaml
 
@@ -155,15 +157,16 @@ def run_grid(sizes: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-grid-") as tmp:
         (Path(tmp) / "params.yaml").write_text(yaml.safe_dump(params))
         cmd = [str(Path(sys.executable).parent / "spanflow"), "tune", "--params", "params.yaml"]
-        for o in overrides:
-            cmd += ["--set", o]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
         seconds = time.perf_counter() - t0
         if proc.returncode != 0:
             raise RuntimeError(f"spanflow tune failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
         storage = f"sqlite:///{tmp}/optuna.db"
-        (summary,) = optuna.get_all_study_summaries(storage)
+        summaries = optuna.get_all_study_summaries(storage)
+        if len(summaries) != 1:
+            raise RuntimeError(f"spanflow tune left {len(summaries)} studies in {storage}, expected 1")
+        (summary,) = summaries
         trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
     workers: dict[str, dict[str, Any]] = {}
     for t in sorted(trials, key=lambda t: t.number):
@@ -211,8 +214,8 @@ def check_targets(figures: dict[str, float | None]) -> list[dict[str, Any]]:
         met = None
         if value is not None:
             met = value >= threshold if op == ">=" else value <= threshold if op == "<=" else abs(value) <= threshold
-        rows.append({"figure": key, "value": value, "target": f"{op.replace('abs', '|x| ')} {threshold}", "met": met,
-                     "what": what})  # fmt: skip
+        target = f"{op.replace('abs<=', 'within ±')} {threshold}"
+        rows.append({"figure": key, "value": value, "target": target, "met": met, "what": what})
     return rows
 
 
@@ -252,6 +255,8 @@ def markdown(result: dict[str, Any]) -> str:
         "lora": ("LoRA vs full fine-tuning", lora_vs_full.print_table),
         "scaling": ("Scaling with the context", scaling.print_table),
     }
+    for name, error in result["failed"].items():
+        lines += ["", f"**{name}: failed**: `{error}`"]
     for key, (title, printer) in printers.items():
         if key in s:
             table = _captured(printer, s[key])
@@ -312,10 +317,16 @@ def main(argv: list[str] | None = None) -> None:
     sizes = {k: v for k, v in PROFILES[profile].items() if k in args.only}
     t0 = time.perf_counter()
     sections: dict[str, Any] = {}
+    failed = {}
     for name in args.only:
         print(f"== {name} ==", file=sys.stderr)
         t = time.perf_counter()
-        sections[name] = RUNNERS[name](dict(sizes.get(name, {})), args.overrides)
+        try:
+            sections[name] = RUNNERS[name](dict(sizes.get(name, {})), args.overrides)
+        except Exception as exc:  # one broken comparison must not lose the others' figures
+            traceback.print_exc()
+            failed[name] = f"{type(exc).__name__}: {exc}"
+            continue
         sections[name]["section_seconds"] = time.perf_counter() - t
     figures = headline(sections)
     result = {
@@ -327,6 +338,7 @@ def main(argv: list[str] | None = None) -> None:
         "sizes": sizes,
         "overrides": args.overrides,
         "targets": check_targets(figures),
+        "failed": failed,
         "sections": sections,
     }
     atomic_write_json(args.json, result)
@@ -335,6 +347,8 @@ def main(argv: list[str] | None = None) -> None:
         result_run = log_to_mlflow(result, args.json, args.md)
         print(f"logged to MLflow experiment {EXPERIMENT}, run {result_run}", file=sys.stderr)
     print(args.md.read_text())
+    if failed:
+        raise SystemExit(f"benchmark sections failed: {failed}")
 
 
 if __name__ == "__main__":
