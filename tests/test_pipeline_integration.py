@@ -168,7 +168,8 @@ def test_dvc_repro_runs_the_stages_and_reruns_only_what_changed(project: Path, p
 
     # a knob only evaluation reads: everything upstream is skipped
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["eval"]["batch_size"] = 16
+    evaluation = params.setdefault("eval", {})
+    evaluation["batch_size"] = 2 * evaluation.get("batch_size", 16)  # differs from whatever it was
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     second = _dvc(project, "repro", env=env)
     for stage in ("prepare", "tune", "featurize", "train"):
