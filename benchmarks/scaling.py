@@ -73,6 +73,17 @@ def _slope(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return slope, my - slope * mx
 
 
+def _fit(xs: list[float], ys: list[float]) -> dict[str, float]:
+    """Least-squares line through (xs, ys), and how much y grew from the first x to the last against x itself."""
+    slope, intercept = _slope(xs, ys)
+    return {
+        "slope": slope,
+        "intercept_ms": intercept,
+        "growth_largest_vs_smallest": ys[-1] / ys[0],
+        "linear_growth": xs[-1] / xs[0],
+    }
+
+
 def measure(
     questions: int = 24,
     chunks: tuple[int, ...] = CHUNKS,
@@ -156,29 +167,18 @@ def measure(
     ks = [float(k) for k in chunks]
     fits = {}
     for key in ("infer_ms_per_question", "train_ms_per_question"):
-        ys = [r[key] for r in by_chunks]
-        slope, intercept = _slope(ks, ys)
-        fits[key] = {
-            "slope_ms_per_chunk": slope,
-            "intercept_ms": intercept,
-            "growth_largest_vs_smallest": ys[-1] / ys[0],
-            "linear_growth": ks[-1] / ks[0],
-            "linearity": (ys[-1] / ys[0]) / (ks[-1] / ks[0]),  # 1.0 = exactly linear, < 1: fixed costs amortized
-        }
+        fit = _fit(ks, [r[key] for r in by_chunks])  # slope: ms per extra chunk
+        fit["linearity"] = fit["growth_largest_vs_smallest"] / fit["linear_growth"]  # 1.0 linear, < 1 amortized
+        fits[key] = fit
     by_length = []
     for length in lengths:
         overlap = min(f.overlap, length // 4)
         by_length.append(point(length, overlap, 1))
-    length_fits = {}
-    for key in ("infer_ms_per_chunk", "train_ms_per_chunk"):
-        xs, ys = [float(r["chunk_length"]) for r in by_length], [r[key] for r in by_length]
-        slope, intercept = _slope(xs, ys)
-        length_fits[key] = {
-            "slope_ms_per_token": slope,
-            "intercept_ms": intercept,
-            "growth_largest_vs_smallest": ys[-1] / ys[0],
-            "linear_growth": xs[-1] / xs[0],  # attention is quadratic in length: above this, it shows
-        }
+    lengths_x = [float(r["chunk_length"]) for r in by_length]
+    # slope: ms per token of chunk length; attention is quadratic in length, so growth above linear shows it
+    length_fits = {
+        key: _fit(lengths_x, [r[key] for r in by_length]) for key in ("infer_ms_per_chunk", "train_ms_per_chunk")
+    }
     return {
         "settings": {
             "questions": len(base),
@@ -212,14 +212,14 @@ def print_table(res: dict[str, Any]) -> None:
     ks = res["settings"]["chunks"]
     for key, fit in res["chunk_fits"].items():
         print(
-            f"{key}: slope {fit['slope_ms_per_chunk']:.1f} ms per chunk, intercept {fit['intercept_ms']:.1f} ms,"
+            f"{key}: slope {fit['slope']:.1f} ms per chunk, intercept {fit['intercept_ms']:.1f} ms,"
             f" x{fit['growth_largest_vs_smallest']:.2f} from {ks[0]} to {ks[-1]} chunks"
             f" (linear: x{fit['linear_growth']:.0f})"
         )
     lengths = res["settings"]["lengths"]
     for key, fit in res.get("length_fits", {}).items():
         print(
-            f"{key}: slope {fit['slope_ms_per_token']:.3f} ms per token of chunk length,"
+            f"{key}: slope {fit['slope']:.3f} ms per token of chunk length,"
             f" x{fit['growth_largest_vs_smallest']:.2f} from {lengths[0]} to {lengths[-1]} tokens"
             f" (linear: x{fit['linear_growth']:.1f})"
         )

@@ -123,7 +123,8 @@ def test_falls_back_to_pefts_forward_where_fusing_does_not_apply(model_dir: Path
     peft_model, fused = pair(model_dir, ["method.lora.dropout=0.1"])  # dropout on the adapter input
     layer = next(m for m in fused.modules() if isinstance(m, FusedLoraLinear))
     assert not layer._fusable()
-    peft_model.eval(), fused.eval()  # dropout off: the two must then agree exactly
+    peft_model.eval()  # dropout off: the two must then agree exactly
+    fused.eval()
     with torch.no_grad():
         torch.testing.assert_close(fused(**batch).start_logits, peft_model(**batch).start_logits)
     _, fused_plain = pair(model_dir)
