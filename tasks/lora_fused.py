@@ -5,11 +5,14 @@ B, the scaling and the sum as separate ops, each one more pass over a batch × t
 autocast it also re-casts the frozen fp32 weight on every call, and autograd saves that copy. Here the frozen
 weight is cast once per dtype and kept, the scaling folds into B, the adapter's product is added inside the
 base matmul (addmm), and the backward computes only the input gradient and the two small adapter gradients.
+Layers that read the same input (query, key and value) share one cast of it, which autograd saves once.
 Same function, same parameters and state dict: checkpoints, `merge_and_unload` and export are unchanged.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from typing import Any
 
 import torch
@@ -39,6 +42,31 @@ class _LoraLinearFn(torch.autograd.Function):
         ga = (gh.t() @ x).float() if ctx.needs_input_grad[3] else None
         gb = (gy.t() @ h).float().mul_(ctx.scaling) if ctx.needs_input_grad[4] else None
         return gx, None, None, ga, gb, None
+
+
+class _InputCast(threading.local):
+    """The last input cast to the compute dtype: query, key and value get the same hidden states, and one shared
+    copy (saved once for backward) replaces three. The source is held by weak reference, the copy until the next
+    cast (one tensor per thread)."""
+
+    def __init__(self) -> None:
+        self.source: weakref.ref | None = None
+        self.key: tuple = ()
+        self.value: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if x.dtype == dtype:
+            return x2  # a view: nothing to share
+        if x.is_inference():
+            return x2.to(dtype)  # no version counter to tell an in-place change; nothing saved for backward anyway
+        key = (x._version, dtype, torch.is_grad_enabled())
+        if self.source is None or self.source() is not x or self.key != key:
+            self.source, self.key, self.value = weakref.ref(x), key, x2.to(dtype)
+        return self.value
+
+
+_input_cast = _InputCast()
 
 
 class FusedLoraLinear(PeftLoraLinear):
@@ -79,7 +107,7 @@ class FusedLoraLinear(PeftLoraLinear):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         name = self.active_adapters[0]
         base = self.get_base_layer()
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        x2 = _input_cast(x, dtype)
         with torch.autocast(device, enabled=False):  # dtypes are set here; autocast must not re-cast
             y = _LoraLinearFn.apply(
                 x2,

@@ -119,6 +119,36 @@ def test_cached_bf16_weight_follows_changes_of_the_base_weight(model_dir: Path, 
     torch.testing.assert_close(got, ref, rtol=3e-2, atol=3e-2)
 
 
+def test_query_key_and_value_share_one_saved_copy_of_their_input(model_dir: Path, batch: dict) -> None:
+    """Under bf16 autocast the fp32 hidden states are cast once for the three projections that read them, and
+    autograd saves that one copy: per layer 3 distinct inputs (attention in, attention out, feed-forward in) for
+    the 5 adapted Linear layers that read 32-wide inputs (output.dense reads the 64-wide intermediate)."""
+    _, fused = pair(model_dir)
+    saved: list[torch.Tensor] = []
+    tokens = batch["input_ids"].numel()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.shape == (tokens, 32) and t.dtype == torch.bfloat16:
+            saved.append(t)  # the (tokens, hidden) inputs the fused layers keep for backward
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward_backward(fused, batch, bf16=True)
+    assert len(saved) == 2 * 5 + 1  # + the QA head's input
+    assert len({t.untyped_storage().data_ptr() for t in saved}) == 2 * 3 + 1
+
+
+def test_inference_mode_under_autocast_gives_the_training_paths_outputs(model_dir: Path, batch: dict) -> None:
+    _, fused = pair(model_dir)
+    fused.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            expected = fused(**batch).start_logits
+        with torch.inference_mode():
+            got = fused(**batch).start_logits
+    torch.testing.assert_close(got, expected)
+
+
 def test_falls_back_to_pefts_forward_where_fusing_does_not_apply(model_dir: Path, batch: dict) -> None:
     peft_model, fused = pair(model_dir, ["method.lora.dropout=0.1"])  # dropout on the adapter input
     layer = next(m for m in fused.modules() if isinstance(m, FusedLoraLinear))
