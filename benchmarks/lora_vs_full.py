@@ -7,7 +7,11 @@ order rep by rep, on the same seeded training questions and batches:
 
 * `lora`: what the train stage runs (spanflow's fused LoRA Linear, tasks/lora_fused.py);
 * `lora-peft`: the same adapters through PEFT's own forward (`method.lora.fused=false`);
-* `full`: every weight trained (`method.name=full`, learning rate 5e-5 so that its F1 means something).
+* `full`: every weight trained (`method.name=full`, learning rate 5e-5 so that its F1 means something);
+* `lora-qv`: adapters on query and value only (the LoRA paper's choice), for what the target modules cost: an
+  adapted Linear keeps its input for the adapter's gradient, a frozen one does not, so with every Linear adapted
+  (params.yaml) LoRA saves as many activations as full fine-tuning and gains only the base's gradients and
+  optimizer state.
 
 Step time is the training loop's wall time over its optimizer steps. Training memory is the peak RSS while
 training minus the RSS before the backbone was loaded (Python, torch and the data are the same for all three):
@@ -30,6 +34,7 @@ VARIANTS: dict[str, list[str]] = {
     "lora": [],
     "lora-peft": ["method.lora.fused=false"],
     "full": ["method.name=full", "train.learning_rate=5.0e-5"],
+    "lora-qv": ["method.lora.target_modules=[query, value]"],
 }
 
 
@@ -101,6 +106,8 @@ def compare(
         "peft_lora_step_time_ratio": ratio("lora-peft", "full", "step_seconds"),
         "peft_lora_peak_memory_ratio": ratio("lora-peft", "full", "train_memory_mb"),
         "fused_vs_peft_step_time": ratio("lora", "lora-peft", "step_seconds"),
+        "lora_qv_step_time_ratio": ratio("lora-qv", "full", "step_seconds"),
+        "lora_qv_peak_memory_ratio": ratio("lora-qv", "full", "train_memory_mb"),
         "runs": {n: [{k: v for k, v in r.items() if not isinstance(v, dict)} for r in runs[n]] for n in names},
     }
 
@@ -125,7 +132,9 @@ def print_table(res: dict[str, Any]) -> None:
         f" (PEFT's forward: {res['peft_lora_step_time_ratio']:.2f}),"
         f" lora_peak_memory_ratio {res['lora_peak_memory_ratio']:.2f}"
         f" (PEFT's forward: {res['peft_lora_peak_memory_ratio']:.2f};"
-        f" whole-process RSS {res['lora_peak_rss_ratio']:.2f})"
+        f" whole-process RSS {res['lora_peak_rss_ratio']:.2f});"
+        f" adapters on query and value only: step time {res['lora_qv_step_time_ratio']:.2f},"
+        f" memory {res['lora_qv_peak_memory_ratio']:.2f}"
     )
 
 

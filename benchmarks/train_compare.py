@@ -9,7 +9,8 @@ batch size, lr, weight decay, warm-up, grad-norm clipping, seed, precision) for 
 steps on the same seeded sample of training questions, starting from identical weights:
 
 * spanflow: `tasks.training.train_model` (what the train stage runs) on `tasks.features.featurize` chunks,
-  with its dynamic padding and length grouping as configured.
+  with its dynamic padding, length-sorted passes per batch (`train.micro_batches`) and length grouping as
+  configured, and its loss over real tokens (`tasks.qa_loss`).
 * trainer: `transformers.Trainer` on features prepared as the Hugging Face example `run_qa.py` does
   (`benchmarks.hf_qa_features`: padded to `max_seq_length`, `default_data_collator`), AdamW with the same
   parameter groups, linear warm-up/decay, clipping and seed, bf16 through accelerate's CPU autocast.
@@ -164,6 +165,29 @@ def trainable_summary(model: Any) -> dict[str, Any]:
     }
 
 
+def checksum(value: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(repr(value).encode()).hexdigest()[:16]
+
+
+def features_checksum(input_ids: list[list[int]], starts: list[int], ends: list[int]) -> str:
+    """One hash over every chunk's real tokens and labels, in order: equal on both sides only when chunk i of one
+    side is chunk i of the other (so that feeding both the same indices means feeding both the same batches)."""
+    return checksum(list(zip(input_ids, starts, ends, strict=True)))
+
+
+def batch_order(lengths: list[int], cfg, steps: int) -> list[int]:
+    """The chunk indices in the order spanflow's loop draws them (`tasks.training.epoch_batches`), epoch after
+    epoch, for `steps` optimizer steps."""
+    from tasks.training import epoch_batches
+
+    tc = cfg.train
+    steps_per_epoch = -(-len(lengths) // (tc.batch_size * tc.grad_accum_steps))
+    epochs = math.ceil(steps / steps_per_epoch)
+    return [i for epoch in range(1, epochs + 1) for batch in epoch_batches(lengths, tc, epoch) for i in batch]
+
+
 def _lever_no_dropout(model: Any) -> None:
     """Backbone dropout off (hidden and attention); LoRA adapters are trained without it already."""
     import torch
@@ -277,6 +301,7 @@ def _spanflow_train(prepared: Any, tokenizer: Any, train: list[dict], cfg, steps
     t0 = time.perf_counter()
     feats = featurize(train, tokenizer, f.chunk_length, f.overlap, f.max_query_length)
     prep = time.perf_counter() - t0
+    order = batch_order(feats.lengths(), cfg, steps)
     steps_per_epoch = -(-len(feats) // (tc.batch_size * tc.grad_accum_steps))
     epochs = math.ceil(steps / steps_per_epoch)
     run_cfg = cfg.with_values({"train.max_steps": steps, "train.epochs": epochs})
@@ -289,6 +314,8 @@ def _spanflow_train(prepared: Any, tokenizer: Any, train: list[dict], cfg, steps
     losses = [h.train_loss for h in result.history]
     return {
         "features": len(feats),
+        "features_checksum": features_checksum(feats.input_ids, feats.start_positions, feats.end_positions),
+        "batch_order_checksum": checksum(order),
         "feature_real_tokens": sum(feats.lengths()),
         "prep_seconds": prep,
         "train_seconds": result.train_seconds,
@@ -364,6 +391,7 @@ def trainer_arguments(cfg, steps: int, precision: str, output_dir: str, optim: s
         eval_strategy="no",
         logging_strategy="no",
         disable_tqdm=True,
+        train_sampling_strategy="sequential",  # the dataset comes in spanflow's batch order (`batch_order`)
     )
 
 
@@ -378,12 +406,17 @@ def _trainer_train(prepared: Any, tokenizer: Any, train: list[dict], cfg, steps:
     t0 = time.perf_counter()
     dataset = build_train_dataset(train, tokenizer, f.chunk_length, f.overlap)
     prep = time.perf_counter() - t0
+    real_ids = [ids[: sum(m)] for ids, m in zip(dataset["input_ids"], dataset["attention_mask"], strict=True)]
+    labels = dataset["start_positions"], dataset["end_positions"]
+    # the Trainer gets spanflow's batches, in spanflow's order (sequential sampling over the reordered features):
+    # with the same batches the two F1s differ by what each loop computes, not by which chunks each drew
+    order = batch_order([len(ids) for ids in real_ids], cfg, steps)
     timer = _LoopTimer(steps)
     with tempfile.TemporaryDirectory(prefix="train-compare-") as out:
         trainer = Trainer(
             model=prepared.model,
             args=trainer_arguments(cfg, steps, precision, out, optim),
-            train_dataset=dataset,
+            train_dataset=dataset.select(order),
             data_collator=default_data_collator,  # run_qa.py's collator with pad_to_max_length
             processing_class=tokenizer,
             callbacks=[timer.callback],
@@ -394,7 +427,9 @@ def _trainer_train(prepared: Any, tokenizer: Any, train: list[dict], cfg, steps:
     groups = trainer.optimizer.param_groups
     return {
         "features": len(dataset),
-        "feature_real_tokens": sum(sum(m) for m in dataset["attention_mask"]),
+        "features_checksum": features_checksum(real_ids, *labels),
+        "batch_order_checksum": checksum(order),
+        "feature_real_tokens": sum(len(ids) for ids in real_ids),
         "prep_seconds": prep,
         "train_seconds": timer.seconds,
         "trainer_train_runtime": output.metrics.get("train_runtime"),
@@ -464,6 +499,7 @@ def run_side(
         "load_seconds": load_seconds,
         "threads": torch.get_num_threads(),
         "group_by_length": cfg.train.group_by_length,
+        "micro_batches": cfg.train.micro_batches,
         "train_questions": len(train),
         "val_questions": len(val),
         "features_per_question": features_per_question,
@@ -576,6 +612,7 @@ def compare(
             "precision": first["spanflow"]["precision"],
             "threads": first["spanflow"]["threads"],
             "group_by_length": first["spanflow"]["group_by_length"],
+            "micro_batches": first["spanflow"]["micro_batches"],
             "seeds": sorted({r["seed"] for r in runs["spanflow"]}),
             "trainer_optim": trainer_optim,
             "data_source": source,
@@ -598,6 +635,10 @@ def compare(
             "steps": {s: [r["steps"] for r in runs[s]] for s in SIDES},
             "epochs": {s: first[s]["epochs"] for s in SIDES},
             "features": {s: first[s]["features"] for s in SIDES},
+            "same_features": first["spanflow"]["features_checksum"] == first["trainer"]["features_checksum"],
+            "same_batches": all(
+                a["batch_order_checksum"] == b["batch_order_checksum"] for a, b in zip(*runs.values(), strict=True)
+            ),
             "features_per_question": {s: first[s]["features_per_question"] for s in SIDES},
             "padding_fraction": {s: first[s]["padding_fraction"] for s in SIDES},
         },
@@ -620,7 +661,8 @@ def print_table(res: dict[str, Any]) -> None:
     padding = {k: round(v, 3) for k, v in c["padding_fraction"].items()}
     print(
         f"\n{s['method']} r={s['lora_rank']} chunk={s['chunk_length']}/{s['overlap']} bs={s['batch_size']}"
-        f" {s['precision']} threads={s['threads']}, {s['steps']} steps x {s['reps']} reps,"
+        f" {s['precision']} threads={s['threads']}, spanflow: length grouping {s['group_by_length']},"
+        f" {s.get('micro_batches', 1)} length-sorted passes per batch; {s['steps']} steps x {s['reps']} reps,"
         f" {s['train_questions']} train / {s['val_questions']} val questions"
         + (f", spanflow levers {s['spanflow_levers']}" if s["spanflow_levers"] else "")
         + (f", spanflow overrides {s['spanflow_overrides']}" if s["spanflow_overrides"] else "")
@@ -628,7 +670,8 @@ def print_table(res: dict[str, Any]) -> None:
     print(
         f"trainable params {c['trainable_params']} (match {c['trainable_params_match']}),"
         f" same initial weights {c['initial_weights_match']}, same AdamW groups {c['optimizer_groups_match']},"
-        f" features {c['features']}, padding fraction {padding}"
+        f" features {c['features']} (same chunks {c['same_features']}, same batches {c['same_batches']}),"
+        f" padding fraction {padding}"
     )
     rows = [
         ("examples/s", "examples_per_s", ".2f"),

@@ -75,7 +75,8 @@ class TrainConfig:
     early_stopping_patience: int = 2  # epochs without a lower validation loss before stopping
     select_by: str = "val_f1"  # weights kept at the end: best epoch by val_f1 or val_loss, or the last
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
-    group_by_length: bool = True  # batch features of similar length (less padding)
+    group_by_length: bool = False  # batches of similar-length features (less padding, but slower early learning)
+    micro_batches: int = 4  # passes per batch, its chunks sorted by length: less padding, the same gradient
     pad_to_multiple_of: int = 16  # batch width rounded up: fewer distinct shapes for oneDNN and the allocator
     seed: int = 42
     num_threads: int | None = None  # torch intra-op threads (None = torch default)
@@ -307,7 +308,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("train.early_stopping_patience: must be >= 1")
     if not 0 <= cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction: {cfg.data.val_fraction} must be in [0, 1)")
-    for key in ("epochs", "batch_size", "grad_accum_steps", "pad_to_multiple_of"):
+    for key in ("epochs", "batch_size", "grad_accum_steps", "micro_batches", "pad_to_multiple_of"):
         if getattr(cfg.train, key) < 1:
             raise ConfigError(f"train.{key}: must be >= 1")
     _validate_search(cfg)

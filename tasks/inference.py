@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForQuestionAnswering, PreTrainedModel
 
 from tasks.features import Features, Record, featurize
+from tasks.qa_loss import span_loss
 from tasks.spans import Answer, best_spans
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -89,7 +90,7 @@ def run_model(
     pad_id: int,
     with_loss: bool = False,
 ) -> tuple[list[np.ndarray], list[np.ndarray], float | None]:
-    """Start/end logits per chunk (trimmed to its length) and, with labels, the mean loss."""
+    """Start/end logits per chunk (trimmed to its length) and, with labels, the mean loss (`span_loss`)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -97,7 +98,7 @@ def run_model(
     ends: list[np.ndarray] = [np.empty(0)] * len(feats)
     loss_sum, n = 0.0, 0
     for idx in length_sorted_batches(feats, batch_size):
-        batch = {k: v.to(device) for k, v in pad_batch(feats, idx, pad_id, with_loss).items()}
+        batch = {k: v.to(device) for k, v in pad_batch(feats, idx, pad_id, False).items()}
         with autocast(device, precision, model):
             out = model(**batch)
         s, e = out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy()
@@ -105,7 +106,10 @@ def run_model(
             n_tok = len(feats.input_ids[i])
             starts[i], ends[i] = s[row, :n_tok], e[row, :n_tok]
         if with_loss:
-            loss_sum += float(out.loss) * len(idx)
+            starts_true = torch.tensor([feats.start_positions[i] for i in idx], device=device)
+            ends_true = torch.tensor([feats.end_positions[i] for i in idx], device=device)
+            loss = span_loss(out.start_logits, out.end_logits, batch["attention_mask"], starts_true, ends_true)
+            loss_sum += float(loss) * len(idx)
             n += len(idx)
     model.train(was_training)
     return starts, ends, (loss_sum / n if n else None)

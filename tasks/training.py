@@ -9,7 +9,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,10 +18,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup, set_seed
 
-from spanflow.config import Config
+from spanflow.config import Config, TrainConfig
 from tasks.features import Features, Record
 from tasks.inference import autocast, pad_batch, resolve_precision, run_model
 from tasks.modeling import PreparedModel, load_trainable_state, trainable_state
+from tasks.qa_loss import span_loss
 from tasks.spans import answer_texts, best_spans
 from tasks.squad_metrics import score
 
@@ -71,6 +72,51 @@ def shuffled_batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
     random.Random(seed).shuffle(order)
     for lo in range(0, n, batch_size):
         yield order[lo : lo + batch_size]
+
+
+def epoch_batches(lengths: list[int], tc: TrainConfig, epoch: int) -> list[list[int]]:
+    """The chunk indices of each batch of `epoch`, in order: seeded by `train.seed` and the epoch."""
+    epoch_seed = tc.seed * 1000 + epoch
+    if tc.group_by_length:
+        return list(length_grouped_batches(lengths, tc.batch_size, epoch_seed))
+    return list(shuffled_batches(len(lengths), tc.batch_size, epoch_seed))
+
+
+def length_sorted_parts(idx: list[int], lengths: Mapping[int, int] | Sequence[int], parts: int) -> list[list[int]]:
+    """One batch as up to `parts` passes of similar-length chunks (sorted, split evenly), so that each pass is
+    padded only to its own longest chunk. The batch stays what the sampler drew: the passes' gradients, weighted
+    by their sizes, add up to the gradient of the whole batch."""
+    if parts <= 1:
+        return [list(idx)]
+    order = sorted(idx, key=lambda i: lengths[i])
+    size = -(-len(order) // parts)
+    return [order[k : k + size] for k in range(0, len(order), size)]
+
+
+def accumulate_batch(
+    model: torch.nn.Module,
+    feats: Features,
+    idx: list[int],
+    pad_id: int,
+    tc: TrainConfig,
+    device: torch.device,
+    precision: str,
+    scaler: torch.amp.GradScaler,
+) -> float:
+    """Forward and backward one batch in `tc.micro_batches` length-sorted passes (gradients add up in .grad);
+    returns the batch's loss summed over its chunks."""
+    loss_sum = 0.0
+    lengths = {i: len(feats.input_ids[i]) for i in idx}
+    for part in length_sorted_parts(idx, lengths, tc.micro_batches):
+        batch = {key: v.to(device) for key, v in pad_batch(feats, part, pad_id, False, tc.pad_to_multiple_of).items()}
+        starts = torch.tensor([feats.start_positions[i] for i in part], device=device)
+        ends = torch.tensor([feats.end_positions[i] for i in part], device=device)
+        with autocast(device, precision):
+            out = model(**batch)
+            loss = span_loss(out.start_logits, out.end_logits, batch["attention_mask"], starts, ends)  # pass mean
+        scaler.scale(loss * (len(part) / len(idx) / tc.grad_accum_steps)).backward()
+        loss_sum += loss.item() * len(part)
+    return loss_sum
 
 
 def run_fingerprint(cfg: Config) -> str:
@@ -176,23 +222,13 @@ def train_model(
         if tc.max_steps and result.steps >= tc.max_steps:
             break
         t0 = time.perf_counter()
-        epoch_seed = tc.seed * 1000 + epoch
-        batches = list(
-            length_grouped_batches(train_feats.lengths(), tc.batch_size, epoch_seed)
-            if tc.group_by_length
-            else shuffled_batches(len(train_feats), tc.batch_size, epoch_seed)
-        )
+        batches = epoch_batches(train_feats.lengths(), tc, epoch)
         loss_sum, seen = 0.0, 0
         # in a log file (Prefect, DVC, CI) a line every 30 s instead of a redraw per batch
         interval = 0.1 if sys.stderr.isatty() else 30.0
         bar = tqdm(batches, desc=f"epoch {epoch}/{tc.epochs}", unit="batch", leave=False, mininterval=interval)
         for k, idx in enumerate(bar):
-            padded = pad_batch(train_feats, idx, pad_id, True, tc.pad_to_multiple_of)
-            batch = {key: v.to(device) for key, v in padded.items()}
-            with autocast(device, precision):
-                loss = model(**batch).loss
-            scaler.scale(loss / tc.grad_accum_steps).backward()
-            loss_sum += loss.item() * len(idx)
+            loss_sum += accumulate_batch(model, train_feats, idx, pad_id, tc, device, precision, scaler)
             seen += len(idx)
             if (k + 1) % tc.grad_accum_steps == 0 or k + 1 == len(batches):
                 scaler.unscale_(optimizer)

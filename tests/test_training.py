@@ -26,7 +26,14 @@ from tasks.modeling import (
     resolve_model_path,
     trainable_state,
 )
-from tasks.training import EpochStats, TrainResult, latest_checkpoint, train_model
+from tasks.training import (
+    EpochStats,
+    TrainResult,
+    accumulate_batch,
+    latest_checkpoint,
+    length_sorted_parts,
+    train_model,
+)
 from tests.helpers import make_tiny_model_dir, tiny_config, tiny_records
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft x transformers 5
@@ -278,6 +285,49 @@ def test_pad_to_multiple_of_below_one_is_refused() -> None:
         load_config(None, ["train.pad_to_multiple_of=0"])
 
 
+def test_length_sorted_parts_split_a_batch_into_similar_length_passes(feats: Features) -> None:
+    idx = list(range(min(len(feats), 12)))[::-1]
+    lengths = feats.lengths()
+    parts = length_sorted_parts(idx, lengths, 4)
+    assert sorted(i for p in parts for i in p) == sorted(idx)  # the same chunks, each once
+    assert len(parts) == 4 and all(len(p) == 3 for p in parts)
+    flat = [lengths[i] for p in parts for i in p]
+    assert flat == sorted(flat)
+    area = sum(len(p) * max(lengths[i] for i in p) for p in parts)
+    assert area <= len(idx) * max(lengths[i] for i in idx)
+    assert length_sorted_parts(idx, lengths, 1) == [idx]
+    assert len(length_sorted_parts(idx[:2], lengths, 4)) == 2  # never an empty pass
+
+
+@pytest.mark.parametrize("parts", [2, 3, 16])
+def test_micro_batches_give_the_gradient_and_loss_of_one_pass(model_dir: Path, feats: Features, tokenizer, parts: int):
+    """fp32, dropout off: the size-weighted passes reproduce the whole batch's mean loss and its gradient."""
+    set_seed(0)
+    model = apply_method(load_backbone(ModelConfig(name_or_path=str(model_dir))), MethodConfig()).model
+    model.eval()  # dropout off; gradients still flow
+    idx = list(range(min(len(feats), 10)))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    results = []
+    for micro in (1, parts):
+        tc = dataclasses.replace(Config().train, micro_batches=micro, pad_to_multiple_of=1)
+        model.zero_grad(set_to_none=True)
+        loss_sum = accumulate_batch(model, feats, idx, tokenizer.pad_token_id, tc, CPU, "fp32", scaler)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss_sum, grads))
+    (loss_one, grads_one), (loss_parts, grads_parts) = results
+    assert loss_parts == pytest.approx(loss_one, rel=1e-5)
+    assert any(g.abs().sum() > 0 for g in grads_one.values())
+    for name, g in grads_one.items():
+        torch.testing.assert_close(grads_parts[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_micro_batches_below_one_are_refused() -> None:
+    from spanflow.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="train.micro_batches: must be >= 1"):
+        load_config(None, ["train.micro_batches=0"])
+
+
 def test_run_model_is_independent_of_batching(model_dir: Path, feats: Features, tokenizer) -> None:
     model = load_backbone(ModelConfig(name_or_path=str(model_dir)))
     model.train()
@@ -287,14 +337,14 @@ def test_run_model_is_independent_of_batching(model_dir: Path, feats: Features, 
     assert [len(s) for s in s8] == feats.lengths()  # trimmed to each chunk, in feature order
     for a, b in zip(s1 + e1, s8 + e8, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)  # padding is masked out
-    # the loss is the chunk-weighted mean of HF's (start CE + end CE) / 2; without padding it follows from the logits
-    # (with padding it does not: HF's QA loss takes the padded positions into its softmax)
+    # the loss is the chunk-weighted mean of (start CE + end CE) / 2 over each chunk's own tokens (tasks.qa_loss),
+    # so it follows from the trimmed logits, and padding (batch 8) does not change it
     ce = [
         (-torch.log_softmax(torch.tensor(s), 0)[a] - torch.log_softmax(torch.tensor(e), 0)[b]).item() / 2
         for s, e, a, b in zip(s1, e1, feats.start_positions, feats.end_positions, strict=True)
     ]
     assert loss1 == pytest.approx(float(np.mean(ce)), abs=1e-5)
-    assert np.isfinite(loss8)
+    assert loss8 == pytest.approx(loss1, abs=1e-5)
     assert run_model(model, feats, 8, "fp32", tokenizer.pad_token_id)[2] is None
 
 
