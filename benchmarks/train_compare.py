@@ -182,10 +182,13 @@ def batch_order(lengths: list[int], cfg, steps: int) -> list[int]:
     epoch, for `steps` optimizer steps."""
     from tasks.training import epoch_batches
 
-    tc = cfg.train
-    steps_per_epoch = -(-len(lengths) // (tc.batch_size * tc.grad_accum_steps))
-    epochs = math.ceil(steps / steps_per_epoch)
-    return [i for epoch in range(1, epochs + 1) for batch in epoch_batches(lengths, tc, epoch) for i in batch]
+    epochs = epochs_for(len(lengths), cfg.train, steps)
+    return [i for epoch in range(1, epochs + 1) for batch in epoch_batches(lengths, cfg.train, epoch) for i in batch]
+
+
+def epochs_for(features: int, tc, steps: int) -> int:
+    """Epochs spanflow's loop needs for `steps` optimizer steps over `features` chunks."""
+    return math.ceil(steps / -(-features // (tc.batch_size * tc.grad_accum_steps)))
 
 
 def _lever_no_dropout(model: Any) -> None:
@@ -302,9 +305,7 @@ def _spanflow_train(prepared: Any, tokenizer: Any, train: list[dict], cfg, steps
     feats = featurize(train, tokenizer, f.chunk_length, f.overlap, f.max_query_length)
     prep = time.perf_counter() - t0
     order = batch_order(feats.lengths(), cfg, steps)
-    steps_per_epoch = -(-len(feats) // (tc.batch_size * tc.grad_accum_steps))
-    epochs = math.ceil(steps / steps_per_epoch)
-    run_cfg = cfg.with_values({"train.max_steps": steps, "train.epochs": epochs})
+    run_cfg = cfg.with_values({"train.max_steps": steps, "train.epochs": epochs_for(len(feats), tc, steps)})
     counter, meter = TokenCounter(prepared.model), CpuMeter()
     with tempfile.TemporaryDirectory(prefix="train-compare-") as ckpt:
         meter.start()

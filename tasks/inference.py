@@ -98,18 +98,16 @@ def run_model(
     ends: list[np.ndarray] = [np.empty(0)] * len(feats)
     loss_sum, n = 0.0, 0
     for idx in length_sorted_batches(feats, batch_size):
-        batch = {k: v.to(device) for k, v in pad_batch(feats, idx, pad_id, False).items()}
+        batch = {k: v.to(device) for k, v in pad_batch(feats, idx, pad_id, with_loss).items()}
+        labels = (batch.pop("start_positions"), batch.pop("end_positions")) if with_loss else None
         with autocast(device, precision, model):
             out = model(**batch)
         s, e = out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy()
         for row, i in enumerate(idx):
             n_tok = len(feats.input_ids[i])
             starts[i], ends[i] = s[row, :n_tok], e[row, :n_tok]
-        if with_loss:
-            starts_true = torch.tensor([feats.start_positions[i] for i in idx], device=device)
-            ends_true = torch.tensor([feats.end_positions[i] for i in idx], device=device)
-            loss = span_loss(out.start_logits, out.end_logits, batch["attention_mask"], starts_true, ends_true)
-            loss_sum += float(loss) * len(idx)
+        if labels is not None:
+            loss_sum += float(span_loss(out.start_logits, out.end_logits, batch["attention_mask"], *labels)) * len(idx)
             n += len(idx)
     model.train(was_training)
     return starts, ends, (loss_sum / n if n else None)

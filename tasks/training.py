@@ -108,9 +108,8 @@ def accumulate_batch(
     loss_sum = 0.0
     lengths = {i: len(feats.input_ids[i]) for i in idx}
     for part in length_sorted_parts(idx, lengths, tc.micro_batches):
-        batch = {key: v.to(device) for key, v in pad_batch(feats, part, pad_id, False, tc.pad_to_multiple_of).items()}
-        starts = torch.tensor([feats.start_positions[i] for i in part], device=device)
-        ends = torch.tensor([feats.end_positions[i] for i in part], device=device)
+        batch = {key: v.to(device) for key, v in pad_batch(feats, part, pad_id, True, tc.pad_to_multiple_of).items()}
+        starts, ends = batch.pop("start_positions"), batch.pop("end_positions")  # our loss, not the model's
         with autocast(device, precision):
             out = model(**batch)
             loss = span_loss(out.start_logits, out.end_logits, batch["attention_mask"], starts, ends)  # pass mean
