@@ -10,7 +10,7 @@ steps on the same seeded sample of training questions, starting from identical w
 
 * spanflow: `tasks.training.train_model` (what the train stage runs) on `tasks.features.featurize` chunks,
   with its dynamic padding, length-sorted passes per batch (`train.micro_batches`) and length grouping as
-  configured, and its loss over real tokens (`tasks.qa_loss`).
+  configured, and its loss as `train.loss` sets it (`tasks.qa_loss`: over each pass's padded row, or real tokens).
 * trainer: `transformers.Trainer` on features prepared as the Hugging Face example `run_qa.py` does
   (`benchmarks.hf_qa_features`: padded to `max_seq_length`, `default_data_collator`), AdamW with the same
   parameter groups, linear warm-up/decay, clipping and seed, bf16 through accelerate's CPU autocast.
@@ -501,6 +501,7 @@ def run_side(
         "threads": torch.get_num_threads(),
         "group_by_length": cfg.train.group_by_length,
         "micro_batches": cfg.train.micro_batches,
+        "loss": cfg.train.loss,
         "train_questions": len(train),
         "val_questions": len(val),
         "features_per_question": features_per_question,
@@ -614,6 +615,7 @@ def compare(
             "threads": first["spanflow"]["threads"],
             "group_by_length": first["spanflow"]["group_by_length"],
             "micro_batches": first["spanflow"]["micro_batches"],
+            "loss": first["spanflow"]["loss"],
             "seeds": sorted({r["seed"] for r in runs["spanflow"]}),
             "trainer_optim": trainer_optim,
             "data_source": source,
@@ -663,7 +665,8 @@ def print_table(res: dict[str, Any]) -> None:
     print(
         f"\n{s['method']} r={s['lora_rank']} chunk={s['chunk_length']}/{s['overlap']} bs={s['batch_size']}"
         f" {s['precision']} threads={s['threads']}, spanflow: length grouping {s['group_by_length']},"
-        f" {s.get('micro_batches', 1)} length-sorted passes per batch; {s['steps']} steps x {s['reps']} reps,"
+        f" {s.get('micro_batches', 1)} length-sorted passes per batch, loss over {s.get('loss', 'real_tokens')};"
+        f" {s['steps']} steps x {s['reps']} reps,"
         f" {s['train_questions']} train / {s['val_questions']} val questions"
         + (f", spanflow levers {s['spanflow_levers']}" if s["spanflow_levers"] else "")
         + (f", spanflow overrides {s['spanflow_overrides']}" if s["spanflow_overrides"] else "")

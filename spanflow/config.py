@@ -38,6 +38,7 @@ class ModelConfig:
     name_or_path: str = "default"  # "default" = packaged all-MiniLM-L6-v2; else Hub id or local path
     revision: str | None = None
     attention_dropout: float | None = 0.0  # dropout on attention probabilities in training (None: the checkpoint's)
+    hidden_dropout: float | None = None  # dropout on hidden states in training (None: the checkpoint's)
 
 
 @dataclass
@@ -76,8 +77,10 @@ class TrainConfig:
     select_by: str = "val_f1"  # weights kept at the end: best epoch by val_f1 or val_loss, or the last
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
     group_by_length: bool = False  # batches of similar-length features (less padding, but slower early learning)
-    micro_batches: int = 4  # passes per batch, its chunks sorted by length: less padding, the same gradient
+    micro_batches: int = 4  # passes per batch, its chunks sorted by length: less padding, the same batch
     pad_to_multiple_of: int = 16  # batch width rounded up: fewer distinct shapes for oneDNN and the allocator
+    loss: str = "real_tokens"  # softmax over real_tokens (padding-invariant) or the padded row (Hugging Face's;
+    # params.yaml's choice: it learned faster, benchmarks/README.md)
     seed: int = 42
     num_threads: int | None = None  # torch intra-op threads (None = torch default)
     include_validation: bool = True  # final model on training + validation articles (no per-epoch validation)
@@ -296,14 +299,18 @@ def _validate(cfg: Config) -> None:
             f"features.overlap: {f.overlap} must be >= 0 and leave room for context in a chunk of "
             f"{f.chunk_length} tokens with a question of up to {f.max_query_length} tokens"
         )
-    if cfg.model.attention_dropout is not None and not 0 <= cfg.model.attention_dropout < 1:
-        raise ConfigError(f"model.attention_dropout: {cfg.model.attention_dropout} must be in [0, 1) or null")
+    for key in ("attention_dropout", "hidden_dropout"):
+        value = getattr(cfg.model, key)
+        if value is not None and not 0 <= value < 1:
+            raise ConfigError(f"model.{key}: {value} must be in [0, 1) or null")
     if cfg.method.name not in {"lora", "full"}:
         raise ConfigError(f"method.name: unknown method {cfg.method.name!r} (lora, full)")
     if cfg.train.precision not in {"auto", "fp32", "bf16", "fp16"}:
         raise ConfigError(f"train.precision: {cfg.train.precision!r} is not auto|fp32|bf16|fp16")
     if cfg.train.select_by not in {"val_f1", "val_loss", "last"}:
         raise ConfigError(f"train.select_by: {cfg.train.select_by!r} is not val_f1|val_loss|last")
+    if cfg.train.loss not in {"real_tokens", "padded"}:
+        raise ConfigError(f"train.loss: {cfg.train.loss!r} is not real_tokens|padded")
     if cfg.train.early_stopping_patience < 1:
         raise ConfigError("train.early_stopping_patience: must be >= 1")
     if not 0 <= cfg.data.val_fraction < 1:

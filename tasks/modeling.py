@@ -24,7 +24,11 @@ from transformers.utils import logging as hf_logging
 from spanflow.config import MethodConfig, ModelConfig
 
 QA_HEAD = "qa_outputs"
-ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")  # BERT/ALBERT, DistilBERT/others
+# where each model family keeps its dropout rates: BERT/ALBERT/RoBERTa first, then DistilBERT and others
+DROPOUT_KEYS = {
+    "attention_dropout": ("attention_probs_dropout_prob", "attention_dropout"),
+    "hidden_dropout": ("hidden_dropout_prob", "dropout"),
+}
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -44,23 +48,28 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerFast:
 
 
 def backbone_config(cfg: ModelConfig) -> PretrainedConfig:
-    """The checkpoint's config with `model.attention_dropout` applied.
+    """The checkpoint's config with `model.attention_dropout` and `model.hidden_dropout` applied (None keeps
+    the checkpoint's rate).
 
     Dropout on the attention probabilities draws a mask over batch x heads x tokens x tokens per layer and
     keeps PyTorch's fused (flash) attention kernel from running: on the CPU it was two thirds of a training
-    step (benchmarks/README.md). Hidden-state dropout stays as the checkpoint has it.
+    step. Dropout on the hidden states draws a Bernoulli mask per activation, 13 times per forward of a
+    6-layer encoder: about a fifth of a training step on the CPU (benchmarks/README.md).
     """
     path = resolve_model_path(cfg.name_or_path)
     config = AutoConfig.from_pretrained(path, revision=cfg.revision)
-    if cfg.attention_dropout is not None:
-        keys = [k for k in ATTENTION_DROPOUT_KEYS if hasattr(config, k)]
+    for setting, candidates in DROPOUT_KEYS.items():
+        value = getattr(cfg, setting)
+        if value is None:
+            continue
+        keys = [k for k in candidates if hasattr(config, k)]
         if not keys:
             raise ValueError(
-                f"model.attention_dropout: {type(config).__name__} of {cfg.name_or_path} has none of"
-                f" {', '.join(ATTENTION_DROPOUT_KEYS)}; set model.attention_dropout to null"
+                f"model.{setting}: {type(config).__name__} of {cfg.name_or_path} has none of"
+                f" {', '.join(candidates)}; set model.{setting} to null"
             )
         for key in keys:
-            setattr(config, key, cfg.attention_dropout)
+            setattr(config, key, value)
     return config
 
 

@@ -1,14 +1,19 @@
-"""The extractive-QA training loss over a chunk's real tokens.
+"""The extractive-QA training loss: cross-entropy of the start and of the end position, over a chunk's real
+tokens or over its whole padded row.
 
-Hugging Face's QA heads average the cross-entropy of the start and of the end position over the whole padded
-row, so every pad token takes part in the softmax and the loss of a chunk depends on how wide its batch was.
-Here padded positions are left out: a chunk's loss, and its gradient, are the same however it is batched.
+* `real_tokens`: padded positions are left out of the softmax, so a chunk's loss, and its gradient, are the
+  same however it is batched (and however a batch is split into passes).
+* `padded`: Hugging Face's QA loss, which takes every position of the padded row into the softmax: the pad
+  positions (whose hidden states attend to the chunk's tokens) act as extra negatives, and a chunk's loss
+  depends on how wide its pass was.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+LOSSES = ("real_tokens", "padded")
 
 
 def span_loss(
@@ -17,9 +22,14 @@ def span_loss(
     attention_mask: torch.Tensor,
     start_positions: torch.Tensor,
     end_positions: torch.Tensor,
+    over: str = "real_tokens",
 ) -> torch.Tensor:
-    """(CE(start) + CE(end)) / 2, mean over the batch, softmax over each chunk's real tokens only (in fp32)."""
-    pad = attention_mask == 0
-    start = start_logits.float().masked_fill(pad, float("-inf"))
-    end = end_logits.float().masked_fill(pad, float("-inf"))
+    """(CE(start) + CE(end)) / 2, mean over the batch, in fp32; the softmax runs `over` the chunk's real tokens
+    or its whole padded row (`LOSSES`)."""
+    if over not in LOSSES:
+        raise ValueError(f"loss over {over!r}: expected one of {', '.join(LOSSES)}")
+    start, end = start_logits.float(), end_logits.float()
+    if over == "real_tokens":
+        pad = attention_mask == 0
+        start, end = start.masked_fill(pad, float("-inf")), end.masked_fill(pad, float("-inf"))
     return (F.cross_entropy(start, start_positions) + F.cross_entropy(end, end_positions)) / 2

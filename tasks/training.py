@@ -84,8 +84,9 @@ def epoch_batches(lengths: list[int], tc: TrainConfig, epoch: int) -> list[list[
 
 def length_sorted_parts(idx: list[int], lengths: Mapping[int, int] | Sequence[int], parts: int) -> list[list[int]]:
     """One batch as up to `parts` passes of similar-length chunks (sorted, split evenly), so that each pass is
-    padded only to its own longest chunk. The batch stays what the sampler drew: the passes' gradients, weighted
-    by their sizes, add up to the gradient of the whole batch."""
+    padded only to its own longest chunk. The batch stays what the sampler drew; with `train.loss: real_tokens` the
+    passes' gradients, weighted by their sizes, add up to the gradient of the whole batch (with `padded`, each
+    chunk's softmax also covers its own pass's pad positions)."""
     if parts <= 1:
         return [list(idx)]
     order = sorted(idx, key=lambda i: lengths[i])
@@ -112,7 +113,7 @@ def accumulate_batch(
         starts, ends = batch.pop("start_positions"), batch.pop("end_positions")  # our loss, not the model's
         with autocast(device, precision):
             out = model(**batch)
-            loss = span_loss(out.start_logits, out.end_logits, batch["attention_mask"], starts, ends)  # pass mean
+            loss = span_loss(out.start_logits, out.end_logits, batch["attention_mask"], starts, ends, tc.loss)
         scaler.scale(loss * (len(part) / len(idx) / tc.grad_accum_steps)).backward()
         loss_sum += loss.item() * len(part)
     return loss_sum

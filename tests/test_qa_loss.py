@@ -63,3 +63,26 @@ def test_padding_changes_neither_the_loss_nor_the_gradient(model_and_feats) -> N
     hf, _ = loss_and_grad(model, feats, idx, pad_id, 0, hf=True)
     hf_wide, _ = loss_and_grad(model, feats, idx, pad_id, 40, hf=True)
     assert abs(hf_wide - hf) > 1e-3
+
+
+def test_padded_loss_is_hugging_faces_loss_on_a_padded_row(model_and_feats) -> None:
+    model, feats, pad_id = model_and_feats
+    idx = list(range(min(len(feats), 6)))
+    batch = pad_batch(feats, idx, pad_id, with_labels=True, multiple_of=1)
+    batch = {
+        k: torch.nn.functional.pad(v, (0, 40), value=pad_id if k == "input_ids" else 0) if v.ndim == 2 else v
+        for k, v in batch.items()
+    }
+    with torch.no_grad():
+        out = model(**batch)
+    mask, starts, ends = batch["attention_mask"], batch["start_positions"], batch["end_positions"]
+    padded = span_loss(out.start_logits, out.end_logits, mask, starts, ends, over="padded")
+    assert padded.item() == pytest.approx(out.loss.item(), rel=1e-6)
+    real = span_loss(out.start_logits, out.end_logits, mask, starts, ends)
+    assert real.item() < padded.item() - 1e-3  # 40 pad positions fewer in each softmax
+
+
+def test_unknown_loss_is_refused() -> None:
+    logits, mask, pos = torch.zeros(1, 4), torch.ones(1, 4), torch.zeros(1, dtype=torch.long)
+    with pytest.raises(ValueError, match="loss over 'tokens': expected one of real_tokens, padded"):
+        span_loss(logits, logits, mask, pos, pos, over="tokens")

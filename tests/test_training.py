@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer, BertForQuestionAnswering, set_seed
 
-from spanflow.config import Config, MethodConfig, ModelConfig
+from spanflow.config import Config, ConfigError, MethodConfig, ModelConfig
 from tasks.data import validate
 from tasks.features import Features, featurize
 from tasks.inference import pad_batch, resolve_precision, run_model
@@ -279,7 +279,7 @@ def test_pad_batch_rounds_the_width_up_to_a_multiple(feats: Features, multiple: 
 
 
 def test_pad_to_multiple_of_below_one_is_refused() -> None:
-    from spanflow.config import ConfigError, load_config
+    from spanflow.config import load_config
 
     with pytest.raises(ConfigError, match="train.pad_to_multiple_of: must be >= 1"):
         load_config(None, ["train.pad_to_multiple_of=0"])
@@ -309,7 +309,7 @@ def test_micro_batches_give_the_gradient_and_loss_of_one_pass(model_dir: Path, f
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     results = []
     for micro in (1, parts):
-        tc = dataclasses.replace(Config().train, micro_batches=micro, pad_to_multiple_of=1)
+        tc = dataclasses.replace(Config().train, micro_batches=micro, pad_to_multiple_of=1, loss="real_tokens")
         model.zero_grad(set_to_none=True)
         loss_sum = accumulate_batch(model, feats, idx, tokenizer.pad_token_id, tc, CPU, "fp32", scaler)
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -321,8 +321,32 @@ def test_micro_batches_give_the_gradient_and_loss_of_one_pass(model_dir: Path, f
         torch.testing.assert_close(grads_parts[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_padded_loss_takes_each_pass_width_into_its_softmax(model_dir: Path, feats: Features, tokenizer) -> None:
+    """train.loss=padded is Hugging Face's QA loss: in passes, each chunk's loss depends on its pass's width."""
+    set_seed(0)
+    model = load_backbone(ModelConfig(name_or_path=str(model_dir))).eval()
+    idx = list(range(min(len(feats), 10)))
+    assert len({len(feats.input_ids[i]) for i in idx}) > 1  # chunks of several lengths: passes differ in width
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    base = dataclasses.replace(Config().train, micro_batches=1, pad_to_multiple_of=1, loss="padded")
+    with torch.no_grad():
+        hf = model(**pad_batch(feats, idx, tokenizer.pad_token_id, True)).loss.item() * len(idx)
+    loss_one = accumulate_batch(model, feats, idx, tokenizer.pad_token_id, base, CPU, "fp32", scaler)
+    assert loss_one == pytest.approx(hf, rel=1e-5)  # one pass: exactly the model's own loss
+    in_parts = dataclasses.replace(base, micro_batches=3)
+    loss_parts = accumulate_batch(model, feats, idx, tokenizer.pad_token_id, in_parts, CPU, "fp32", scaler)
+    assert loss_parts < loss_one - 1e-3  # narrower passes: fewer pad positions in the softmax
+
+
+def test_unknown_loss_is_refused() -> None:
+    from spanflow.config import load_config
+
+    with pytest.raises(ConfigError, match=r"train.loss: 'focal' is not real_tokens\|padded"):
+        load_config(None, ["train.loss=focal"])
+
+
 def test_micro_batches_below_one_are_refused() -> None:
-    from spanflow.config import ConfigError, load_config
+    from spanflow.config import load_config
 
     with pytest.raises(ConfigError, match="train.micro_batches: must be >= 1"):
         load_config(None, ["train.micro_batches=0"])
@@ -597,6 +621,15 @@ def test_attention_dropout_setting_reaches_the_attention_probabilities_only(mode
     assert kept.config.attention_probs_dropout_prob == 0.1  # null: the checkpoint's own value
 
 
+def test_hidden_dropout_setting_reaches_the_hidden_states_only(model_dir: Path) -> None:
+    model = load_backbone(tiny_config(model_dir, ["model.hidden_dropout=0.0"]).model)
+    assert model.config.hidden_dropout_prob == 0.0
+    assert model.bert.embeddings.dropout.p == 0.0 and model.bert.encoder.layer[0].output.dropout.p == 0.0
+    assert model.config.attention_probs_dropout_prob == 0.0  # model.attention_dropout's, unchanged
+    with pytest.raises(ConfigError, match=r"model\.hidden_dropout: 1\.5 must be in \[0, 1\) or null"):
+        tiny_config(model_dir, ["model.hidden_dropout=1.5"])
+
+
 def test_attention_dropout_on_a_model_without_that_setting_is_refused(tmp_path: Path) -> None:
     from transformers import GPT2Config
 
@@ -607,3 +640,6 @@ def test_attention_dropout_on_a_model_without_that_setting_is_refused(tmp_path: 
     with pytest.raises(ValueError, match=refused):
         backbone_config(ModelConfig(name_or_path=str(tmp_path), attention_dropout=0.0))
     assert backbone_config(ModelConfig(name_or_path=str(tmp_path), attention_dropout=None)).attn_pdrop == 0.1
+    refused = r"model\.hidden_dropout: GPT2Config .* set model.hidden_dropout to null"
+    with pytest.raises(ValueError, match=refused):
+        backbone_config(ModelConfig(name_or_path=str(tmp_path), attention_dropout=None, hidden_dropout=0.0))
