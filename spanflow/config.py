@@ -38,7 +38,7 @@ class ModelConfig:
     name_or_path: str = "default"  # "default" = packaged all-MiniLM-L6-v2; else Hub id or local path
     revision: str | None = None
     attention_dropout: float | None = 0.0  # dropout on attention probabilities in training (None: the checkpoint's)
-    hidden_dropout: float | None = None  # dropout on hidden states in training (None: the checkpoint's)
+    hidden_dropout: float | None = 0.0  # dropout on hidden states in training (None: the checkpoint's)
 
 
 @dataclass
@@ -79,8 +79,7 @@ class TrainConfig:
     group_by_length: bool = False  # batches of similar-length features (less padding, but slower early learning)
     micro_batches: int = 4  # passes per batch, its chunks sorted by length: less padding, the same batch
     pad_to_multiple_of: int = 16  # batch width rounded up: fewer distinct shapes for oneDNN and the allocator
-    loss: str = "real_tokens"  # softmax over real_tokens (padding-invariant) or the padded row (Hugging Face's;
-    # params.yaml's choice: it learned faster, benchmarks/README.md)
+    loss: str = "padded"  # softmax over each pass's padded row (Hugging Face's) or real_tokens (padding-invariant)
     seed: int = 42
     num_threads: int | None = None  # torch intra-op threads (None = torch default)
     include_validation: bool = True  # final model on training + validation articles (no per-epoch validation)

@@ -616,16 +616,18 @@ def test_attention_dropout_setting_reaches_the_attention_probabilities_only(mode
     assert base.model.attention_dropout == 0.0  # the default: the fused attention kernel can run
     model = load_backbone(base.model)
     assert model.config.attention_probs_dropout_prob == 0.0
-    assert model.config.hidden_dropout_prob == 0.1  # hidden-state dropout stays as the checkpoint has it
+    assert model.config.hidden_dropout_prob == 0.0  # model.hidden_dropout's own default
     kept = load_backbone(tiny_config(model_dir, ["model.attention_dropout=null"]).model)
     assert kept.config.attention_probs_dropout_prob == 0.1  # null: the checkpoint's own value
 
 
 def test_hidden_dropout_setting_reaches_the_hidden_states_only(model_dir: Path) -> None:
-    model = load_backbone(tiny_config(model_dir, ["model.hidden_dropout=0.0"]).model)
-    assert model.config.hidden_dropout_prob == 0.0
-    assert model.bert.embeddings.dropout.p == 0.0 and model.bert.encoder.layer[0].output.dropout.p == 0.0
+    model = load_backbone(tiny_config(model_dir, ["model.hidden_dropout=0.05"]).model)
+    assert model.config.hidden_dropout_prob == 0.05
+    assert model.bert.embeddings.dropout.p == 0.05 and model.bert.encoder.layer[0].output.dropout.p == 0.05
     assert model.config.attention_probs_dropout_prob == 0.0  # model.attention_dropout's, unchanged
+    kept = load_backbone(tiny_config(model_dir, ["model.hidden_dropout=null"]).model)
+    assert kept.config.hidden_dropout_prob == 0.1  # null: the checkpoint's own value
     with pytest.raises(ConfigError, match=r"model\.hidden_dropout: 1\.5 must be in \[0, 1\) or null"):
         tiny_config(model_dir, ["model.hidden_dropout=1.5"])
 
@@ -639,7 +641,10 @@ def test_attention_dropout_on_a_model_without_that_setting_is_refused(tmp_path: 
     refused = r"model\.attention_dropout: GPT2Config .* set model.attention_dropout to null"
     with pytest.raises(ValueError, match=refused):
         backbone_config(ModelConfig(name_or_path=str(tmp_path), attention_dropout=0.0))
-    assert backbone_config(ModelConfig(name_or_path=str(tmp_path), attention_dropout=None)).attn_pdrop == 0.1
+    assert (
+        backbone_config(ModelConfig(name_or_path=str(tmp_path), attention_dropout=None, hidden_dropout=None)).attn_pdrop
+        == 0.1
+    )
     refused = r"model\.hidden_dropout: GPT2Config .* set model.hidden_dropout to null"
     with pytest.raises(ValueError, match=refused):
         backbone_config(ModelConfig(name_or_path=str(tmp_path), attention_dropout=None, hidden_dropout=0.0))
