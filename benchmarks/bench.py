@@ -15,7 +15,8 @@ Every comparison runs its sides in their own processes, alternating rep by rep, 
 range. Writes benchmarks/results.json (machine, versions, settings, every figure; the headline ratios at top
 level) and benchmarks/results.md, and logs both to MLflow (experiment `spanflow-benchmarks`). A benchmark, not
 a test: the figures hold for this machine and this run. The inference comparison needs the trained model of
-`make run` (models/final/hf).
+`make run` (models/final/hf). With `--only`, the other comparisons of an earlier results.json of the same
+profile are kept, each marked with the date and commit it was measured at.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
 import platform
 import subprocess
@@ -188,6 +190,22 @@ RUNNERS = {"train": run_train, "infer": run_infer, "lora": run_lora, "scaling": 
 # --------------------------------------------------------------------------- results
 
 
+def carried_sections(json_path: Path, profile: str, ran: list[str]) -> dict[str, Any]:
+    """The comparisons of an earlier results.json (same profile) that this run did not redo, each with the date
+    and commit it was measured at."""
+    if not json_path.is_file():
+        return {}
+    old = json.loads(json_path.read_text())
+    if old.get("profile") != profile:
+        return {}
+    when = {"date": old["machine"]["date"], "commit": old["machine"]["git_commit"]}
+    return {
+        name: {**section, "measured": section.get("measured", when)}
+        for name, section in old.get("sections", {}).items()
+        if name not in ran
+    }
+
+
 def headline(sections: dict[str, Any]) -> dict[str, float | None]:
     """The top-level figures of results.json (None when their comparison did not run)."""
     train, infer, lora = sections.get("train"), sections.get("infer"), sections.get("lora")
@@ -256,10 +274,11 @@ def markdown(result: dict[str, Any]) -> str:
         if key in s:
             table = _captured(printer, s[key])
             fenced = key == "infer"  # a fixed-width table
-            lines += ["", f"## {title}", "", *(["```"] if fenced else []), table, *(["```"] if fenced else [])]
+            lines += ["", f"## {title}", "", *_carried_note(result, key)]
+            lines += [*(["```"] if fenced else []), table, *(["```"] if fenced else [])]
     if "grid" in s:
         g = s["grid"]
-        lines += ["", "## Grid search: what each worker loads", ""]
+        lines += ["", "## Grid search: what each worker loads", "", *_carried_note(result, "grid")]
         lines += [
             f"`spanflow tune` on a scratch project, {g['points']} points in {g['seconds']:.0f} s:"
             f" backbone loaded once per worker: {g['backbone_once_per_worker']};"
@@ -274,6 +293,13 @@ def markdown(result: dict[str, Any]) -> str:
                 f" {w['featurize_calls']} | {w['featurize_calls_without_reuse']} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _carried_note(result: dict[str, Any], key: str) -> list[str]:
+    if key not in result.get("carried", []):
+        return []
+    when = result["sections"][key]["measured"]
+    return [f"*Kept from the run of {when['date']} (commit {when['commit']}); not measured in this run.*", ""]
 
 
 def log_to_mlflow(result: dict[str, Any], json_path: Path, md_path: Path) -> str:
@@ -323,13 +349,19 @@ def main(argv: list[str] | None = None) -> None:
             failed[name] = f"{type(exc).__name__}: {exc}"
             continue
         sections[name]["section_seconds"] = time.perf_counter() - t
+    measured = machine()
+    for section in sections.values():
+        section["measured"] = {"date": measured["date"], "commit": measured["git_commit"]}
+    carried = carried_sections(args.json, profile, args.only)
+    sections = {name: sections.get(name) or carried[name] for name in SECTIONS if name in sections or name in carried}
     figures = headline(sections)
     result = {
         **figures,  # the headline figures at top level
         "profile": profile,
         "seconds": time.perf_counter() - t0,
-        "machine": machine(),
+        "machine": measured,
         "sizes": sizes,
+        "carried": sorted(carried),
         "overrides": args.overrides,
         "targets": check_targets(figures),
         "failed": failed,
