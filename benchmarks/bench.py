@@ -1,6 +1,7 @@
 """`make bench`: spanflow against the tools a user would pick instead, in one run, as ratios.
 
     .venv/bin/python -m benchmarks.bench [--quick] [--only train infer lora scaling grid] [--no-mlflow]
+        [--size train.reps=1]
 
 1. training: spanflow's trainer vs a `transformers.Trainer` run prepared like run_qa.py (benchmarks.train_compare);
 2. inference: spanflow's chunked evaluation vs the transformers 5.2.0 `question-answering` pipeline over the dev
@@ -328,6 +329,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness, not the speed")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="params override (both sides)")
+    parser.add_argument(
+        "--size", action="append", default=[], metavar="SECTION.KEY=N", help="a profile size, e.g. train.reps=1"
+    )
     parser.add_argument("--json", type=Path, default=RESULTS_JSON)
     parser.add_argument("--md", type=Path, default=RESULTS_MD)
     parser.add_argument("--no-mlflow", action="store_true")
@@ -335,7 +339,14 @@ def main(argv: list[str] | None = None) -> None:
 
     os.chdir(ROOT)  # the comparisons read params.yaml, data/ and models/ relative to the project
     profile = "quick" if args.quick else "full"
-    sizes = {k: v for k, v in PROFILES[profile].items() if k in args.only}
+    sizes = {k: dict(v) for k, v in PROFILES[profile].items() if k in args.only}
+    for item in args.size:
+        section, _, rest = item.partition(".")
+        key, _, value = rest.partition("=")
+        if section not in sizes or key not in sizes[section] or not value.isdigit():
+            known = {name: sorted(v) for name, v in sizes.items()}
+            raise SystemExit(f"--size {item!r}: expected SECTION.KEY=N with SECTION.KEY among {known}")
+        sizes[section][key] = int(value)
     t0 = time.perf_counter()
     sections: dict[str, Any] = {}
     failed = {}
