@@ -33,6 +33,9 @@ class DataConfig:
     leaderboard_dir: str = "data/leaderboard"
 
 
+TRAIN_LOSSES = ("real_tokens", "padded")  # tasks.qa_loss.span_loss's `over`
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str = "default"  # "default" = packaged all-MiniLM-L6-v2; else Hub id or local path
@@ -308,8 +311,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"train.precision: {cfg.train.precision!r} is not auto|fp32|bf16|fp16")
     if cfg.train.select_by not in {"val_f1", "val_loss", "last"}:
         raise ConfigError(f"train.select_by: {cfg.train.select_by!r} is not val_f1|val_loss|last")
-    if cfg.train.loss not in {"real_tokens", "padded"}:
-        raise ConfigError(f"train.loss: {cfg.train.loss!r} is not real_tokens|padded")
+    if cfg.train.loss not in TRAIN_LOSSES:
+        raise ConfigError(f"train.loss: {cfg.train.loss!r} is not {'|'.join(TRAIN_LOSSES)}")
     if cfg.train.early_stopping_patience < 1:
         raise ConfigError("train.early_stopping_patience: must be >= 1")
     if not 0 <= cfg.data.val_fraction < 1:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("real_tokens", "padded")
+from spanflow.config import TRAIN_LOSSES
 
 
 def span_loss(
@@ -25,9 +25,9 @@ def span_loss(
     over: str = "real_tokens",
 ) -> torch.Tensor:
     """(CE(start) + CE(end)) / 2, mean over the batch, in fp32; the softmax runs `over` the chunk's real tokens
-    or its whole padded row (`LOSSES`)."""
-    if over not in LOSSES:
-        raise ValueError(f"loss over {over!r}: expected one of {', '.join(LOSSES)}")
+    or its whole padded row (`TRAIN_LOSSES`)."""
+    if over not in TRAIN_LOSSES:
+        raise ValueError(f"loss over {over!r}: expected one of {', '.join(TRAIN_LOSSES)}")
     start, end = start_logits.float(), end_logits.float()
     if over == "real_tokens":
         pad = attention_mask == 0
