@@ -139,13 +139,14 @@ class TokenCounter:
     """Counts the rows, token positions (padding included) and real tokens the model trains on."""
 
     def __init__(self, model: Any) -> None:
-        self.rows = self.positions = self.real = 0
+        self.rows = self.positions = self.real = self.passes = 0
         self.handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module: Any, args: tuple, kwargs: dict) -> None:
         if not module.training:
             return
         ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+        self.passes += 1
         self.rows += ids.shape[0]
         self.positions += ids.numel()
         self.real += int(mask.sum()) if mask is not None else ids.numel()
@@ -184,6 +185,16 @@ def batch_order(lengths: list[int], cfg, steps: int) -> list[int]:
 
     epochs = epochs_for(len(lengths), cfg.train, steps)
     return [i for epoch in range(1, epochs + 1) for batch in epoch_batches(lengths, cfg.train, epoch) for i in batch]
+
+
+def steps_for_epochs(train: list[dict], cfg, epochs: int) -> int:
+    """Optimizer steps of `epochs` passes over the chunks spanflow cuts from `train` at the configured length."""
+    from tasks.features import featurize
+    from tasks.modeling import load_tokenizer
+
+    f, tc = cfg.features, cfg.train
+    chunks = len(featurize(train, load_tokenizer(cfg.model), f.chunk_length, f.overlap, f.max_query_length))
+    return epochs * -(-chunks // (tc.batch_size * tc.grad_accum_steps))
 
 
 def epochs_for(features: int, tc, steps: int) -> int:
@@ -501,6 +512,8 @@ def run_side(
         "threads": torch.get_num_threads(),
         "group_by_length": cfg.train.group_by_length,
         "micro_batches": cfg.train.micro_batches,
+        "pass_overhead_tokens": cfg.train.pass_overhead_tokens,
+        "passes_per_step": counter.passes / out["steps"] if out.get("steps") else None,
         "loss": cfg.train.loss,
         "train_questions": len(train),
         "val_questions": len(val),
@@ -556,8 +569,12 @@ def compare(
     trainer_optim: str = "adamw_torch",
     spanflow_levers: list[str] | None = None,
     vary_seed: bool = False,
+    epochs: int | None = None,
 ) -> dict[str, Any]:
     """Run both sides `reps` times, alternating their order; returns per-run figures, medians and ratios.
+
+    `epochs`, when given, replaces `steps`: that many passes over the training chunks at the configured
+    chunk length (so the depth of training follows the searched point instead of a fixed step count).
 
     `overrides` apply to both sides; `spanflow_overrides` to the spanflow side only (for trying levers such as
     `train.group_by_length=false`; anything that changes the optimization makes the comparison unfair), and
@@ -573,6 +590,8 @@ def compare(
     train_all, val_all, source = load_splits(cfg)
     train = sample_questions(train_all, train_questions, cfg.data.seed)
     val = sample_questions(val_all, val_questions, cfg.data.seed)
+    if epochs is not None:
+        steps = steps_for_epochs(train, cfg, epochs)
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in SIDES}
     with tempfile.TemporaryDirectory(prefix="train-compare-") as tmp:
         data_dir = Path(tmp)
@@ -603,6 +622,7 @@ def compare(
     return {
         "settings": {
             "steps": steps,
+            "epochs_requested": epochs,
             "reps": reps,
             "batch_size": cfg.train.batch_size,
             "chunk_length": cfg.features.chunk_length,
@@ -615,6 +635,8 @@ def compare(
             "threads": first["spanflow"]["threads"],
             "group_by_length": first["spanflow"]["group_by_length"],
             "micro_batches": first["spanflow"]["micro_batches"],
+            "pass_overhead_tokens": first["spanflow"].get("pass_overhead_tokens", 0),
+            "passes_per_step": {side: runs[side][0].get("passes_per_step") for side in runs},
             "loss": first["spanflow"]["loss"],
             "seeds": sorted({r["seed"] for r in runs["spanflow"]}),
             "trainer_optim": trainer_optim,
@@ -665,7 +687,9 @@ def print_table(res: dict[str, Any]) -> None:
     print(
         f"\n{s['method']} r={s['lora_rank']} chunk={s['chunk_length']}/{s['overlap']} bs={s['batch_size']}"
         f" {s['precision']} threads={s['threads']}, spanflow: length grouping {s['group_by_length']},"
-        f" {s.get('micro_batches', 1)} length-sorted passes per batch, loss over {s.get('loss', 'real_tokens')};"
+        f" up to {s.get('micro_batches', 1)} length-sorted passes per batch"
+        f" (a pass costing {s.get('pass_overhead_tokens', 0)} tokens; passes per step {s.get('passes_per_step')}),"
+        f" loss over {s.get('loss', 'real_tokens')};"
         f" {s['steps']} steps x {s['reps']} reps,"
         f" {s['train_questions']} train / {s['val_questions']} val questions"
         + (f", spanflow levers {s['spanflow_levers']}" if s["spanflow_levers"] else "")
@@ -714,6 +738,7 @@ def print_table(res: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
+    parser.add_argument("--epochs", type=int, help="train this many epochs of the chunks instead of --steps")
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--train-questions", type=int, default=None, help="seeded sample (default: all)")
     parser.add_argument("--val-questions", type=int, default=300, help="seeded sample of the validation split")
@@ -747,6 +772,7 @@ def main(argv: list[str] | None = None) -> None:
         args.trainer_optim,
         args.spanflow_lever,
         args.vary_seed,
+        args.epochs,
     )
     print_table(res)
     if args.json:

@@ -80,7 +80,9 @@ class TrainConfig:
     select_by: str = "val_f1"  # weights kept at the end: best epoch by val_f1 or val_loss, or the last
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
     group_by_length: bool = False  # batches of similar-length features (less padding, but slower early learning)
-    micro_batches: int = 4  # passes per batch, its chunks sorted by length: less padding, the same batch
+    micro_batches: int = 4  # at most this many passes per batch, its chunks sorted by length: less padding
+    pass_overhead_tokens: int = 128  # a pass's fixed cost in padded tokens: more passes only where they pay
+    math_attention_max_width: int = 160  # CPU passes up to this width use PyTorch's math attention (0: never)
     pad_to_multiple_of: int = 16  # batch width rounded up: fewer distinct shapes for oneDNN and the allocator
     loss: str = "padded"  # softmax over each pass's padded row (Hugging Face's) or real_tokens (padding-invariant)
     seed: int = 42
@@ -320,6 +322,9 @@ def _validate(cfg: Config) -> None:
     for key in ("epochs", "batch_size", "grad_accum_steps", "micro_batches", "pad_to_multiple_of"):
         if getattr(cfg.train, key) < 1:
             raise ConfigError(f"train.{key}: must be >= 1")
+    for key in ("pass_overhead_tokens", "math_attention_max_width"):
+        if getattr(cfg.train, key) < 0:
+            raise ConfigError(f"train.{key}: {getattr(cfg.train, key)} must be >= 0")
     _validate_search(cfg)
     _validate_registry_serving_schedule(cfg)
 

@@ -9,7 +9,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from spanflow.config import Config, TrainConfig
 from tasks.features import Features, Record
 from tasks.inference import autocast, pad_batch, resolve_precision, run_model
 from tasks.modeling import PreparedModel, load_trainable_state, trainable_state
+from tasks.passes import attention_kernel, length_sorted_passes
 from tasks.qa_loss import span_loss
 from tasks.spans import answer_texts, best_spans
 from tasks.squad_metrics import score
@@ -82,18 +83,6 @@ def epoch_batches(lengths: list[int], tc: TrainConfig, epoch: int) -> list[list[
     return list(shuffled_batches(len(lengths), tc.batch_size, epoch_seed))
 
 
-def length_sorted_parts(idx: list[int], lengths: Mapping[int, int] | Sequence[int], parts: int) -> list[list[int]]:
-    """One batch as up to `parts` passes of similar-length chunks (sorted, split evenly), so that each pass is
-    padded only to its own longest chunk. The batch stays what the sampler drew; with `train.loss: real_tokens` the
-    passes' gradients, weighted by their sizes, add up to the gradient of the whole batch (with `padded`, each
-    chunk's softmax also covers its own pass's pad positions)."""
-    if parts <= 1:
-        return [list(idx)]
-    order = sorted(idx, key=lambda i: lengths[i])
-    size = -(-len(order) // parts)
-    return [order[k : k + size] for k in range(0, len(order), size)]
-
-
 def accumulate_batch(
     model: torch.nn.Module,
     feats: Features,
@@ -104,14 +93,16 @@ def accumulate_batch(
     precision: str,
     scaler: torch.amp.GradScaler,
 ) -> float:
-    """Forward and backward one batch in `tc.micro_batches` length-sorted passes (gradients add up in .grad);
-    returns the batch's loss summed over its chunks."""
+    """Forward and backward one batch in up to `tc.micro_batches` length-sorted passes (`tasks.passes`; the
+    gradients add up in .grad); returns the batch's loss summed over its chunks."""
     loss_sum = 0.0
     lengths = {i: len(feats.input_ids[i]) for i in idx}
-    for part in length_sorted_parts(idx, lengths, tc.micro_batches):
+    parts = length_sorted_passes(idx, lengths, tc.micro_batches, tc.pad_to_multiple_of, tc.pass_overhead_tokens)
+    for part in parts:
         batch = {key: v.to(device) for key, v in pad_batch(feats, part, pad_id, True, tc.pad_to_multiple_of).items()}
         starts, ends = batch.pop("start_positions"), batch.pop("end_positions")  # our loss, not the model's
-        with autocast(device, precision):
+        width = batch["input_ids"].shape[1]
+        with autocast(device, precision), attention_kernel(device, width, tc.math_attention_max_width):
             out = model(**batch)
             loss = span_loss(out.start_logits, out.end_logits, batch["attention_mask"], starts, ends, tc.loss)
         scaler.scale(loss * (len(part) / len(idx) / tc.grad_accum_steps)).backward()

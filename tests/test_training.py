@@ -4,6 +4,8 @@ merged export, on a tiny randomly initialised BERT with the real tokenizer and r
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import random
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,12 +28,12 @@ from tasks.modeling import (
     resolve_model_path,
     trainable_state,
 )
+from tasks.passes import attention_kernel, length_sorted_passes, padded_width
 from tasks.training import (
     EpochStats,
     TrainResult,
     accumulate_batch,
     latest_checkpoint,
-    length_sorted_parts,
     train_model,
 )
 from tests.helpers import make_tiny_model_dir, tiny_config, tiny_records
@@ -285,18 +287,80 @@ def test_pad_to_multiple_of_below_one_is_refused() -> None:
         load_config(None, ["train.pad_to_multiple_of=0"])
 
 
-def test_length_sorted_parts_split_a_batch_into_similar_length_passes(feats: Features) -> None:
-    idx = list(range(min(len(feats), 12)))[::-1]
-    lengths = feats.lengths()
-    parts = length_sorted_parts(idx, lengths, 4)
-    assert sorted(i for p in parts for i in p) == sorted(idx)  # the same chunks, each once
-    assert len(parts) == 4 and all(len(p) == 3 for p in parts)
-    flat = [lengths[i] for p in parts for i in p]
-    assert flat == sorted(flat)
-    area = sum(len(p) * max(lengths[i] for i in p) for p in parts)
-    assert area <= len(idx) * max(lengths[i] for i in idx)
-    assert length_sorted_parts(idx, lengths, 1) == [idx]
-    assert len(length_sorted_parts(idx[:2], lengths, 4)) == 2  # never an empty pass
+def _brute_force_cost(idx: list[int], lengths: list[int], max_passes: int, multiple: int, overhead: int) -> float:
+    """The cheapest split of the sorted batch into at most `max_passes` consecutive passes, by enumeration."""
+    order = sorted(idx, key=lambda i: lengths[i])
+    best = float("inf")
+    for k in range(1, max_passes + 1):
+        for cuts in itertools.combinations(range(1, len(order)), k - 1):
+            bounds = [0, *cuts, len(order)]
+            passes = [order[a:b] for a, b in itertools.pairwise(bounds)]
+            best = min(best, sum(overhead + len(p) * padded_width(lengths[p[-1]], multiple) for p in passes))
+    return best
+
+
+def _cost(passes: list[list[int]], lengths: list[int], multiple: int, overhead: int) -> float:
+    return sum(overhead + len(p) * padded_width(max(lengths[i] for i in p), multiple) for p in passes)
+
+
+@pytest.mark.parametrize("overhead", [0, 40, 128, 10_000])
+def test_length_sorted_passes_pick_the_cheapest_split(overhead: int) -> None:
+    rng = random.Random(overhead)
+    for _ in range(30):
+        lengths = [rng.randint(20, 256) for _ in range(10)]
+        idx = rng.sample(range(10), 10)
+        passes = length_sorted_passes(idx, lengths, 4, 16, overhead)
+        assert sorted(i for p in passes for i in p) == sorted(idx)  # the same chunks, each once
+        assert 1 <= len(passes) <= 4 and all(passes)  # never an empty pass
+        flat = [lengths[i] for p in passes for i in p]
+        assert flat == sorted(flat)  # consecutive runs of the length-sorted batch
+        assert _cost(passes, lengths, 16, overhead) == _brute_force_cost(idx, lengths, 4, 16, overhead)
+    assert len(length_sorted_passes(list(range(10)), lengths, 4, 16, 10_000)) == 1  # costly passes: one
+
+
+def test_length_sorted_passes_split_only_where_padding_outweighs_a_pass() -> None:
+    short, long = [32] * 8, [256] * 8
+    lengths = short + long
+    idx = list(range(16))
+    assert length_sorted_passes(idx, lengths, 4, 16, 128) == [idx[:8], idx[8:]]  # saves 8 x 224 tokens
+    assert length_sorted_passes(idx, [120] * 8 + [128] * 8, 4, 16, 128) == [idx]  # saves 8 x 0 after rounding
+    assert length_sorted_passes(idx, [120] * 8 + [128] * 8, 4, 1, 32) == [idx[:8], idx[8:]]  # 8 x 8 > 32
+    assert length_sorted_passes(idx[::-1], lengths, 1, 16, 0) == [idx[::-1]]  # one pass: the batch as drawn
+
+
+def _flash_attention_ran(model: torch.nn.Module, batch: dict, device: torch.device, max_width: int) -> bool:
+    from torch.profiler import ProfilerActivity, profile
+
+    with (
+        profile(activities=[ProfilerActivity.CPU]) as prof,
+        attention_kernel(device, batch["input_ids"].shape[1], max_width),
+    ):
+        model(**batch)
+    return any("flash_attention" in event.key for event in prof.key_averages())
+
+
+def test_narrow_cpu_passes_use_the_math_attention_kernel(model_dir: Path, feats: Features, tokenizer) -> None:
+    model = load_backbone(ModelConfig(name_or_path=str(model_dir))).eval()
+    batch = pad_batch(feats, [0, 1], tokenizer.pad_token_id, False)
+    width = batch["input_ids"].shape[1]
+    assert not _flash_attention_ran(model, batch, CPU, max_width=width)
+    assert _flash_attention_ran(model, batch, CPU, max_width=width - 1)
+    assert _flash_attention_ran(model, batch, CPU, max_width=0)
+
+
+def test_the_attention_kernel_does_not_change_the_gradient(model_dir: Path, feats: Features, tokenizer) -> None:
+    set_seed(0)
+    model = apply_method(load_backbone(ModelConfig(name_or_path=str(model_dir))), MethodConfig()).model.eval()
+    idx = list(range(min(len(feats), 6)))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    grads = []
+    for max_width in (0, 10_000):  # the default kernel, then the math kernel for every pass
+        tc = dataclasses.replace(Config().train, math_attention_max_width=max_width)
+        model.zero_grad(set_to_none=True)
+        accumulate_batch(model, feats, idx, tokenizer.pad_token_id, tc, CPU, "fp32", scaler)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("parts", [2, 3, 16])
@@ -309,7 +373,9 @@ def test_micro_batches_give_the_gradient_and_loss_of_one_pass(model_dir: Path, f
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     results = []
     for micro in (1, parts):
-        tc = dataclasses.replace(Config().train, micro_batches=micro, pad_to_multiple_of=1, loss="real_tokens")
+        tc = dataclasses.replace(
+            Config().train, micro_batches=micro, pad_to_multiple_of=1, pass_overhead_tokens=0, loss="real_tokens"
+        )
         model.zero_grad(set_to_none=True)
         loss_sum = accumulate_batch(model, feats, idx, tokenizer.pad_token_id, tc, CPU, "fp32", scaler)
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -328,7 +394,9 @@ def test_padded_loss_takes_each_pass_width_into_its_softmax(model_dir: Path, fea
     idx = list(range(min(len(feats), 10)))
     assert len({len(feats.input_ids[i]) for i in idx}) > 1  # chunks of several lengths: passes differ in width
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    base = dataclasses.replace(Config().train, micro_batches=1, pad_to_multiple_of=1, loss="padded")
+    base = dataclasses.replace(
+        Config().train, micro_batches=1, pad_to_multiple_of=1, pass_overhead_tokens=0, loss="padded"
+    )
     with torch.no_grad():
         hf = model(**pad_batch(feats, idx, tokenizer.pad_token_id, True)).loss.item() * len(idx)
     loss_one = accumulate_batch(model, feats, idx, tokenizer.pad_token_id, base, CPU, "fp32", scaler)
@@ -350,6 +418,10 @@ def test_micro_batches_below_one_are_refused() -> None:
 
     with pytest.raises(ConfigError, match="train.micro_batches: must be >= 1"):
         load_config(None, ["train.micro_batches=0"])
+    with pytest.raises(ConfigError, match="train.pass_overhead_tokens: -1 must be >= 0"):
+        load_config(None, ["train.pass_overhead_tokens=-1"])
+    with pytest.raises(ConfigError, match="train.math_attention_max_width: -2 must be >= 0"):
+        load_config(None, ["train.math_attention_max_width=-2"])
 
 
 def test_run_model_is_independent_of_batching(model_dir: Path, feats: Features, tokenizer) -> None:

@@ -1,0 +1,65 @@
+"""How one training batch is split into forward/backward passes, and which attention kernel a pass uses.
+
+A pass costs about `overhead + rows x width` (width: the pass's longest chunk, rounded up to the padding
+multiple). Splitting a length-sorted batch cuts padding but adds a pass's fixed cost, so the split points
+are chosen to minimise that sum. On the 2-core development CPU (bf16, the default backbone) one pass cost
+as much as ~130 padded tokens (`benchmarks/README.md`): batches of near-equal chunks then run in one pass,
+batches of mixed lengths in several.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+def padded_width(length: int, multiple_of: int) -> int:
+    return -(-length // multiple_of) * multiple_of
+
+
+def length_sorted_passes(
+    idx: list[int],
+    lengths: Mapping[int, int] | Sequence[int],
+    max_passes: int,
+    multiple_of: int = 1,
+    overhead_tokens: int = 0,
+) -> list[list[int]]:
+    """The chunks of one batch as at most `max_passes` passes of consecutive length-sorted chunks, with the
+    split points that minimise the modelled cost: `overhead_tokens` per pass plus each pass's padded area.
+    The batch stays what the sampler drew; only how it is run changes. Ties go to fewer passes."""
+    if max_passes <= 1:
+        return [list(idx)]
+    order = sorted(idx, key=lambda i: lengths[i])
+    n = len(order)
+    widths = [padded_width(lengths[i], multiple_of) for i in order]
+    inf = float("inf")
+    # cost[k][j]: cheapest run of the first j sorted chunks in k passes; start[k][j]: where its last pass starts
+    cost = [[inf] * (n + 1) for _ in range(max_passes + 1)]
+    start = [[0] * (n + 1) for _ in range(max_passes + 1)]
+    cost[0][0] = 0.0
+    for k in range(1, max_passes + 1):
+        for j in range(1, n + 1):
+            for i in range(k - 1, j):  # last pass = order[i:j], padded to widths[j - 1] (the longest)
+                c = cost[k - 1][i] + overhead_tokens + (j - i) * widths[j - 1]
+                if c < cost[k][j]:
+                    cost[k][j], start[k][j] = c, i
+    best = min(range(1, max_passes + 1), key=lambda k: (cost[k][n], k))
+    passes, j = [], n
+    for k in range(best, 0, -1):
+        i = start[k][j]
+        passes.append(order[i:j])
+        j = i
+    return passes[::-1]
+
+
+def attention_kernel(device: torch.device, width: int, math_max_width: int) -> contextlib.AbstractContextManager:
+    """PyTorch's math attention for CPU passes up to `math_max_width` tokens wide, its default kernel otherwise.
+    Training on the CPU, the flash kernel's backward took a third of a step at width 128 (29 ms per layer
+    against 5 ms for its forward); the math kernel's whole step was 7-23% faster up to width 160 and slower
+    from 224 (`benchmarks/README.md`). Both compute the same attention; only the rounding differs."""
+    if device.type == "cpu" and width <= math_max_width:
+        return sdpa_kernel([SDPBackend.MATH])
+    return contextlib.nullcontext()
