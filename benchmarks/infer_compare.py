@@ -131,6 +131,7 @@ def spanflow_side(args: argparse.Namespace) -> dict[str, Any]:
             args.n_best,
             args.batch_size,
             precision,
+            args.workers,
         )
         return answer_texts(answers, args.squad_version, args.no_answer_threshold)
 
@@ -154,7 +155,9 @@ def spanflow_side(args: argparse.Namespace) -> dict[str, Any]:
         t = [time.perf_counter()]
         feats = featurize(records, tokenizer, *feat_args)
         t.append(time.perf_counter())
-        starts, ends, _ = run_model(model, feats, args.batch_size, precision, tokenizer.pad_token_id)
+        starts, ends, _ = run_model(
+            model, feats, args.batch_size, precision, tokenizer.pad_token_id, workers=args.workers
+        )
         t.append(time.perf_counter())
         best_spans(records, feats, starts, ends, args.max_answer_length, args.n_best)
         t.append(time.perf_counter())
@@ -311,6 +314,7 @@ def compare(
         "max_answer_length": e.max_answer_length,
         "n_best": e.n_best,
         "spanflow_batch_size": e.batch_size,
+        "spanflow_workers": e.workers,
         "pipeline_batch_size": pipeline_batch_size,
     }
     tf52_python = ensure_tf52_venv()
@@ -345,6 +349,7 @@ def compare(
                 *("--precision", precision, "--chunk-length", str(f.chunk_length), "--overlap", str(f.overlap)),
                 *("--max-query-length", str(f.max_query_length), "--max-answer-length", str(e.max_answer_length)),
                 *("--n-best", str(e.n_best), "--batch-size", str(e.batch_size), "--squad-version", version),
+                *("--workers", str(e.workers)),
                 *("--no-answer-threshold", str(e.no_answer_threshold), "--out", str(out)),
                 *(["--stages"] if with_stages else []),
             ]
@@ -495,6 +500,7 @@ def main(argv: list[str] | None = None) -> None:
     child.add_argument("--max-answer-length", type=int)
     child.add_argument("--n-best", type=int)
     child.add_argument("--batch-size", type=int)
+    child.add_argument("--workers", type=int, default=1)
     child.add_argument("--squad-version", default="1.1")
     child.add_argument("--no-answer-threshold", type=float, default=0.0)
     args = parser.parse_args(argv)

@@ -95,6 +95,7 @@ class EvalConfig:
     max_answer_length: int = 30  # tokens
     n_best: int = 20
     batch_size: int = 16
+    workers: int = 2  # CPU: batches answered side by side by this many threads, torch's threads shared out
     no_answer_threshold: float = 0.0  # v2.0: predict "" when null score - best span score > this
 
 
@@ -322,6 +323,8 @@ def _validate(cfg: Config) -> None:
     for key in ("epochs", "batch_size", "grad_accum_steps", "micro_batches", "pad_to_multiple_of"):
         if getattr(cfg.train, key) < 1:
             raise ConfigError(f"train.{key}: must be >= 1")
+    if cfg.eval.workers < 1:
+        raise ConfigError(f"eval.workers: {cfg.eval.workers} must be >= 1")
     for key in ("pass_overhead_tokens", "math_attention_max_width"):
         if getattr(cfg.train, key) < 0:
             raise ConfigError(f"train.{key}: {getattr(cfg.train, key)} must be >= 0")

@@ -47,6 +47,7 @@ def predict_records(
         cfg.eval.n_best,
         cfg.eval.batch_size,
         precision,
+        cfg.eval.workers,
     )
     seconds = time.perf_counter() - t0
     texts = answer_texts(answers, version, cfg.eval.no_answer_threshold)

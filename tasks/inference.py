@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +82,6 @@ def length_sorted_batches(feats: Features, batch_size: int) -> Iterator[list[int
         yield order[lo : lo + batch_size]
 
 
-@torch.inference_mode()
 def run_model(
     model: torch.nn.Module,
     feats: Features,
@@ -89,28 +89,52 @@ def run_model(
     precision: str,
     pad_id: int,
     with_loss: bool = False,
+    workers: int = 1,
 ) -> tuple[list[np.ndarray], list[np.ndarray], float | None]:
-    """Start/end logits per chunk (trimmed to its length) and, with labels, the mean loss (`span_loss`)."""
+    """Start/end logits per chunk (trimmed to its length) and, with labels, the mean loss (`span_loss`).
+
+    On the CPU, `workers` threads run whole batches side by side, each with its share of torch's threads: two
+    workers of one thread answered 1.17x the questions/s of one worker of two threads on the 2-core development
+    CPU (`benchmarks/README.md`). On a GPU the batches run one after another."""
     device = next(model.parameters()).device
+    workers = max(1, workers) if device.type == "cpu" else 1
     was_training = model.training
     model.eval()
     starts: list[np.ndarray] = [np.empty(0)] * len(feats)
     ends: list[np.ndarray] = [np.empty(0)] * len(feats)
-    loss_sum, n = 0.0, 0
-    for idx in length_sorted_batches(feats, batch_size):
+    threads = torch.get_num_threads()
+
+    def forward(idx: list[int]) -> tuple[list[int], np.ndarray, np.ndarray, float]:
+        if workers > 1:  # torch's thread count is per calling thread
+            torch.set_num_threads(max(1, threads // workers))
         batch = {k: v.to(device) for k, v in pad_batch(feats, idx, pad_id, with_loss).items()}
         labels = (batch.pop("start_positions"), batch.pop("end_positions")) if with_loss else None
-        with autocast(device, precision, model):
+        with torch.inference_mode(), autocast(device, precision, model):  # both are per thread too
             out = model(**batch)
-        s, e = out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy()
-        for row, i in enumerate(idx):
-            n_tok = len(feats.input_ids[i])
-            starts[i], ends[i] = s[row, :n_tok], e[row, :n_tok]
-        if labels is not None:
-            loss_sum += float(span_loss(out.start_logits, out.end_logits, batch["attention_mask"], *labels)) * len(idx)
-            n += len(idx)
-    model.train(was_training)
-    return starts, ends, (loss_sum / n if n else None)
+            loss = 0.0
+            if labels is not None:
+                loss = float(span_loss(out.start_logits, out.end_logits, batch["attention_mask"], *labels)) * len(idx)
+        return idx, out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy(), loss
+
+    batches = list(length_sorted_batches(feats, batch_size))
+    try:
+        if workers == 1:
+            results = map(forward, batches)
+        else:
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="run-model")
+            results = pool.map(forward, batches)
+        loss_sum = 0.0
+        for idx, s, e, loss in results:
+            for row, i in enumerate(idx):
+                n_tok = len(feats.input_ids[i])
+                starts[i], ends[i] = s[row, :n_tok], e[row, :n_tok]
+            loss_sum += loss
+    finally:
+        if workers > 1:
+            pool.shutdown()
+            torch.set_num_threads(threads)  # the setting is also process-wide in part: put it back
+        model.train(was_training)
+    return starts, ends, (loss_sum / len(feats) if with_loss and len(feats) else None)
 
 
 def answer_questions(
@@ -124,8 +148,9 @@ def answer_questions(
     n_best: int,
     batch_size: int,
     precision: str,
+    workers: int = 1,
 ) -> list[Answer]:
     """Question + context of any length -> best answer span, with its own context splitting."""
     feats = featurize(records, tokenizer, chunk_length, overlap, max_query_length)
-    starts, ends, _ = run_model(model, feats, batch_size, precision, tokenizer.pad_token_id)
+    starts, ends, _ = run_model(model, feats, batch_size, precision, tokenizer.pad_token_id, workers=workers)
     return best_spans(records, feats, starts, ends, max_answer_length, n_best)

@@ -74,6 +74,7 @@ class SpanQAModel(PythonModel):
             s["n_best"],
             s["batch_size"],
             s["precision"],
+            s.get("workers", 1),  # models registered before eval.workers existed
         )
         return pd.DataFrame(
             {

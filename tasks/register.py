@@ -35,6 +35,7 @@ def serving_settings(cfg: Config) -> dict:
         "max_answer_length": cfg.eval.max_answer_length,
         "n_best": cfg.eval.n_best,
         "batch_size": cfg.eval.batch_size,
+        "workers": cfg.eval.workers,
         "max_batch": cfg.serving.max_batch,
         "precision": cfg.serving.precision,
     }

@@ -239,7 +239,9 @@ def train_model(
 
         val_loss = val_em = val_f1 = None
         if len(val_feats):
-            starts, ends, val_loss = run_model(model, val_feats, cfg.eval.batch_size, precision, pad_id, with_loss=True)
+            starts, ends, val_loss = run_model(
+                model, val_feats, cfg.eval.batch_size, precision, pad_id, with_loss=True, workers=cfg.eval.workers
+            )
             metrics = score_answers(val_records, val_feats, starts, ends, cfg)
             val_em, val_f1 = metrics["exact_match"], metrics["f1"]
         stats = EpochStats(epoch, result.steps, loss_sum / max(seen, 1), val_loss, val_em, val_f1, train_time)

@@ -444,6 +444,27 @@ def test_run_model_is_independent_of_batching(model_dir: Path, feats: Features, 
     assert run_model(model, feats, 8, "fp32", tokenizer.pad_token_id)[2] is None
 
 
+def test_run_model_in_worker_threads_gives_the_same_logits_and_loss(
+    model_dir: Path, feats: Features, tokenizer
+) -> None:
+    model = load_backbone(ModelConfig(name_or_path=str(model_dir)))
+    threads = torch.get_num_threads()
+    s1, e1, loss1 = run_model(model, feats, 2, "fp32", tokenizer.pad_token_id, with_loss=True, workers=1)
+    s3, e3, loss3 = run_model(model, feats, 2, "fp32", tokenizer.pad_token_id, with_loss=True, workers=3)
+    assert torch.get_num_threads() == threads  # the caller's thread setting is put back
+    assert [len(s) for s in s3] == feats.lengths()
+    for a, b in zip(s1 + e1, s3 + e3, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert loss3 == pytest.approx(loss1, abs=1e-6)
+
+
+def test_eval_workers_below_one_are_refused() -> None:
+    from spanflow.config import load_config
+
+    with pytest.raises(ConfigError, match="eval.workers: 0 must be >= 1"):
+        load_config(None, ["eval.workers=0"])
+
+
 # --------------------------------------------------------------------------- training
 
 
