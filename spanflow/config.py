@@ -82,6 +82,7 @@ class TrainConfig:
     group_by_length: bool = False  # batches of similar-length features (less padding, but slower early learning)
     micro_batches: int = 4  # at most this many passes per batch, its chunks sorted by length: less padding
     pass_overhead_tokens: int = 128  # a pass's fixed cost in padded tokens: more passes only where they pay
+    max_pass_tokens: int | None = None  # cap on a pass's padded tokens (rows x width): bounds activation memory
     math_attention_max_width: int = 160  # CPU passes up to this width use PyTorch's math attention (0: never)
     pad_to_multiple_of: int = 16  # batch width rounded up: fewer distinct shapes for oneDNN and the allocator
     loss: str = "padded"  # softmax over each pass's padded row (Hugging Face's) or real_tokens (padding-invariant)
@@ -323,6 +324,8 @@ def _validate(cfg: Config) -> None:
     for key in ("epochs", "batch_size", "grad_accum_steps", "micro_batches", "pad_to_multiple_of"):
         if getattr(cfg.train, key) < 1:
             raise ConfigError(f"train.{key}: must be >= 1")
+    if cfg.train.max_pass_tokens is not None and cfg.train.max_pass_tokens < 1:
+        raise ConfigError(f"train.max_pass_tokens: {cfg.train.max_pass_tokens} must be >= 1 or null")
     if cfg.eval.workers < 1:
         raise ConfigError(f"eval.workers: {cfg.eval.workers} must be >= 1")
     for key in ("pass_overhead_tokens", "math_attention_max_width"):

@@ -117,22 +117,22 @@ def run_model(
         return idx, out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy(), loss
 
     batches = list(length_sorted_batches(feats, batch_size))
+    loss_sum = 0.0
     try:
-        if workers == 1:
-            results = map(forward, batches)
-        else:
-            pool = ThreadPoolExecutor(workers, thread_name_prefix="run-model")
-            results = pool.map(forward, batches)
-        loss_sum = 0.0
-        for idx, s, e, loss in results:
-            for row, i in enumerate(idx):
-                n_tok = len(feats.input_ids[i])
-                starts[i], ends[i] = s[row, :n_tok], e[row, :n_tok]
-            loss_sum += loss
+        with contextlib.ExitStack() as stack:
+            if workers > 1:
+                pool = stack.enter_context(ThreadPoolExecutor(workers, thread_name_prefix="run-model"))
+                results = pool.map(forward, batches)  # in batch order
+            else:
+                results = map(forward, batches)
+            for idx, s, e, loss in results:
+                for row, i in enumerate(idx):
+                    n_tok = len(feats.input_ids[i])
+                    starts[i], ends[i] = s[row, :n_tok], e[row, :n_tok]
+                loss_sum += loss
     finally:
         if workers > 1:
-            pool.shutdown()
-            torch.set_num_threads(threads)  # the setting is also process-wide in part: put it back
+            torch.set_num_threads(threads)  # the setting is partly process-wide: put the caller's back
         model.train(was_training)
     return starts, ends, (loss_sum / len(feats) if with_loss and len(feats) else None)
 

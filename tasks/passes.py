@@ -26,30 +26,39 @@ def length_sorted_passes(
     max_passes: int,
     multiple_of: int = 1,
     overhead_tokens: int = 0,
+    max_tokens: int | None = None,
 ) -> list[list[int]]:
     """The chunks of one batch as at most `max_passes` passes of consecutive length-sorted chunks, with the
     split points that minimise the modelled cost: `overhead_tokens` per pass plus each pass's padded area.
-    The batch stays what the sampler drew; only how it is run changes. Ties go to fewer passes."""
-    if max_passes <= 1:
+    A pass of several chunks holds at most `max_tokens` padded tokens (a memory bound); where that needs more
+    than `max_passes` passes, it wins. The batch stays what the sampler drew; only how it is run changes.
+    Ties go to fewer passes."""
+    if max_passes <= 1 and max_tokens is None:
         return [list(idx)]
     order = sorted(idx, key=lambda i: lengths[i])
     n = len(order)
+    if n <= 1:
+        return [order]
     widths = [padded_width(lengths[i], multiple_of) for i in order]
     inf = float("inf")
     # cost[k][j]: cheapest run of the first j sorted chunks in k passes; start[k][j]: where its last pass starts
-    cost = [[inf] * (n + 1) for _ in range(max_passes + 1)]
-    start = [[0] * (n + 1) for _ in range(max_passes + 1)]
+    cost = [[inf] * (n + 1) for _ in range(n + 1)]
+    start = [[0] * (n + 1) for _ in range(n + 1)]
     cost[0][0] = 0.0
-    for k in range(1, max_passes + 1):
+    k = 0
+    while k < n and (k < max_passes or cost[k][n] == inf):  # past max_passes only while the cap leaves no split
+        k += 1
         for j in range(1, n + 1):
             for i in range(k - 1, j):  # last pass = order[i:j], padded to widths[j - 1] (the longest)
+                if max_tokens is not None and j - i > 1 and (j - i) * widths[j - 1] > max_tokens:
+                    continue
                 c = cost[k - 1][i] + overhead_tokens + (j - i) * widths[j - 1]
                 if c < cost[k][j]:
                     cost[k][j], start[k][j] = c, i
-    best = min(range(1, max_passes + 1), key=lambda k: (cost[k][n], k))
+    best = min(range(1, k + 1), key=lambda m: (cost[m][n], m))
     passes, j = [], n
-    for k in range(best, 0, -1):
-        i = start[k][j]
+    for m in range(best, 0, -1):
+        i = start[m][j]
         passes.append(order[i:j])
         j = i
     return passes[::-1]

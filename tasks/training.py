@@ -97,7 +97,9 @@ def accumulate_batch(
     gradients add up in .grad); returns the batch's loss summed over its chunks."""
     loss_sum = 0.0
     lengths = {i: len(feats.input_ids[i]) for i in idx}
-    parts = length_sorted_passes(idx, lengths, tc.micro_batches, tc.pad_to_multiple_of, tc.pass_overhead_tokens)
+    parts = length_sorted_passes(
+        idx, lengths, tc.micro_batches, tc.pad_to_multiple_of, tc.pass_overhead_tokens, tc.max_pass_tokens
+    )
     for part in parts:
         batch = {key: v.to(device) for key, v in pad_batch(feats, part, pad_id, True, tc.pad_to_multiple_of).items()}
         starts, ends = batch.pop("start_positions"), batch.pop("end_positions")  # our loss, not the model's

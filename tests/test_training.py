@@ -328,6 +328,23 @@ def test_length_sorted_passes_split_only_where_padding_outweighs_a_pass() -> Non
     assert length_sorted_passes(idx[::-1], lengths, 1, 16, 0) == [idx[::-1]]  # one pass: the batch as drawn
 
 
+def test_a_token_cap_bounds_each_pass_and_may_add_passes() -> None:
+    lengths = [128] * 16
+    idx = list(range(16))
+    assert length_sorted_passes(idx, lengths, 4, 16, 128) == [idx]  # no cap: one pass of 2048 tokens
+    capped = length_sorted_passes(idx, lengths, 4, 16, 128, max_tokens=1024)
+    assert [len(p) for p in capped] == [8, 8]
+    many = length_sorted_passes(idx, lengths, 4, 16, 128, max_tokens=256)  # needs 8 passes: the cap wins
+    assert [len(p) for p in many] == [2] * 8
+    assert length_sorted_passes(idx[:3], [300, 300, 300], 4, 16, 0, max_tokens=100) == [[0], [1], [2]]
+    rng = random.Random(7)
+    for _ in range(20):
+        lens = [rng.randint(20, 256) for _ in range(12)]
+        passes = length_sorted_passes(list(range(12)), lens, 2, 16, 64, max_tokens=700)
+        assert sorted(i for p in passes for i in p) == list(range(12))
+        assert all(len(p) == 1 or len(p) * padded_width(max(lens[i] for i in p), 16) <= 700 for p in passes)
+
+
 def _flash_attention_ran(model: torch.nn.Module, batch: dict, device: torch.device, max_width: int) -> bool:
     from torch.profiler import ProfilerActivity, profile
 
@@ -422,6 +439,8 @@ def test_micro_batches_below_one_are_refused() -> None:
         load_config(None, ["train.pass_overhead_tokens=-1"])
     with pytest.raises(ConfigError, match="train.math_attention_max_width: -2 must be >= 0"):
         load_config(None, ["train.math_attention_max_width=-2"])
+    with pytest.raises(ConfigError, match="train.max_pass_tokens: 0 must be >= 1 or null"):
+        load_config(None, ["train.max_pass_tokens=0"])
 
 
 def test_run_model_is_independent_of_batching(model_dir: Path, feats: Features, tokenizer) -> None:
