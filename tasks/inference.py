@@ -55,12 +55,16 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def padded_width(length: int, multiple_of: int) -> int:
+    """`length` rounded up to a multiple of `multiple_of`: the width a batch is padded to."""
+    return -(-length // multiple_of) * multiple_of
+
+
 def pad_batch(
     feats: Features, idx: list[int], pad_id: int, with_labels: bool, multiple_of: int = 1
 ) -> dict[str, torch.Tensor]:
     """Dynamic padding: pad to the longest chunk of this batch, rounded up to `multiple_of` tokens."""
-    width = max(len(feats.input_ids[i]) for i in idx)
-    width += -width % multiple_of
+    width = padded_width(max(len(feats.input_ids[i]) for i in idx), multiple_of)
     ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
     types = torch.zeros((len(idx), width), dtype=torch.long)
     mask = torch.zeros((len(idx), width), dtype=torch.long)
@@ -105,8 +109,6 @@ def run_model(
     threads = torch.get_num_threads()
 
     def forward(idx: list[int]) -> tuple[list[int], np.ndarray, np.ndarray, float]:
-        if workers > 1:  # torch's thread count is per calling thread
-            torch.set_num_threads(max(1, threads // workers))
         batch = {k: v.to(device) for k, v in pad_batch(feats, idx, pad_id, with_loss).items()}
         labels = (batch.pop("start_positions"), batch.pop("end_positions")) if with_loss else None
         with torch.inference_mode(), autocast(device, precision, model):  # both are per thread too
@@ -121,7 +123,9 @@ def run_model(
     try:
         with contextlib.ExitStack() as stack:
             if workers > 1:
-                pool = stack.enter_context(ThreadPoolExecutor(workers, thread_name_prefix="run-model"))
+                # torch's thread count is per calling thread: each worker takes its share once
+                share = (max(1, threads // workers),)
+                pool = stack.enter_context(ThreadPoolExecutor(workers, "run-model", torch.set_num_threads, share))
                 results = pool.map(forward, batches)  # in batch order
             else:
                 results = map(forward, batches)

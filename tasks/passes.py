@@ -15,9 +15,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-
-def padded_width(length: int, multiple_of: int) -> int:
-    return -(-length // multiple_of) * multiple_of
+from tasks.inference import padded_width
 
 
 def length_sorted_passes(

@@ -17,7 +17,7 @@ from transformers import AutoModelForQuestionAnswering, AutoTokenizer, BertForQu
 from spanflow.config import Config, ConfigError, MethodConfig, ModelConfig
 from tasks.data import validate
 from tasks.features import Features, featurize
-from tasks.inference import pad_batch, resolve_precision, run_model
+from tasks.inference import pad_batch, padded_width, resolve_precision, run_model
 from tasks.modeling import (
     PreparedModel,
     apply_method,
@@ -28,7 +28,7 @@ from tasks.modeling import (
     resolve_model_path,
     trainable_state,
 )
-from tasks.passes import attention_kernel, length_sorted_passes, padded_width
+from tasks.passes import attention_kernel, length_sorted_passes
 from tasks.training import (
     EpochStats,
     TrainResult,
