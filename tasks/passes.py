@@ -13,8 +13,8 @@ import contextlib
 from collections.abc import Mapping, Sequence
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from tasks.attention import MathAttention
 from tasks.inference import padded_width
 
 
@@ -63,10 +63,11 @@ def length_sorted_passes(
 
 
 def attention_kernel(device: torch.device, width: int, math_max_width: int) -> contextlib.AbstractContextManager:
-    """PyTorch's math attention for CPU passes up to `math_max_width` tokens wide, its default kernel otherwise.
-    Training on the CPU, the flash kernel's backward took a third of a step at width 128 (29 ms per layer
-    against 5 ms for its forward); the math kernel's whole step was 7-23% faster up to width 160 and slower
-    from 224 (`benchmarks/README.md`). Both compute the same attention; only the rounding differs."""
+    """Math attention (`tasks.attention`) for CPU passes up to `math_max_width` tokens wide, PyTorch's default
+    kernel otherwise. Training on the CPU, the flash kernel's backward took a third of a step at width 128
+    (29 ms per layer against 5 ms for its forward); PyTorch's math kernel made the whole step 7-23% faster up
+    to width 160 and slower from 224 (`benchmarks/README.md`). They compute the same attention; only the
+    rounding differs."""
     if device.type == "cpu" and width <= math_max_width:
-        return sdpa_kernel([SDPBackend.MATH])
+        return MathAttention()
     return contextlib.nullcontext()

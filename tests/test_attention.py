@@ -1,0 +1,81 @@
+"""The math attention of narrow CPU training passes (tasks/attention.py): PyTorch's math kernel's output and
+gradients, less kept for backward under bf16, and PyTorch's own kernel for the calls it does not cover."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from tasks.attention import MathAttention
+
+B, H, L, D = 2, 3, 12, 8
+
+
+def _inputs(dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(B, H, L, D, generator=gen).to(dtype).requires_grad_() for _ in range(3))
+
+
+def _masks() -> list[torch.Tensor | None]:
+    keep = torch.ones(B, 1, L, L, dtype=torch.bool)
+    keep[0, ..., 9:] = False  # the first row's last 3 keys are padding
+    return [None, keep, torch.where(keep, 0.0, torch.finfo(torch.float32).min)]
+
+
+def _run(ctx, q, k, v, mask, grad_out, **kwargs):  # noqa: ANN001, ANN202
+    with ctx:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs)
+    return out, torch.autograd.grad(out, (q, k, v), grad_out)
+
+
+@pytest.mark.parametrize("mask", _masks(), ids=["none", "bool", "additive"])
+def test_fp32_output_and_gradients_are_the_math_kernels(mask: torch.Tensor | None) -> None:
+    q, k, v = _inputs(torch.float32)
+    grad_out = torch.randn(B, H, L, D)
+    ref, ref_grads = _run(sdpa_kernel([SDPBackend.MATH]), q, k, v, mask, grad_out)
+    out, grads = _run(MathAttention(), q, k, v, mask, grad_out)
+    assert out.grad_fn is not None and "SoftmaxAttention" in type(out.grad_fn).__name__  # ours ran
+    torch.testing.assert_close(out, ref)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_matches_the_math_kernel_to_a_bf16_step_and_keeps_less() -> None:
+    q, k, v = _inputs(torch.bfloat16)
+    grad_out = torch.randn(B, H, L, D).to(torch.bfloat16)
+    mask = _masks()[1]
+    kept = {}
+    results = {}
+    for name, ctx in {"pytorch": sdpa_kernel([SDPBackend.MATH]), "ours": MathAttention()}.items():
+        sizes: list[int] = []
+
+        def pack(t: torch.Tensor, sizes: list[int] = sizes) -> torch.Tensor:
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            results[name] = _run(ctx, q, k, v, mask, grad_out)
+        kept[name] = sum(sizes)
+    (ref, ref_grads), (out, grads) = results["pytorch"], results["ours"]
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=4 * 2**-8)
+    # PyTorch's kernel keeps fp32 copies of q, k, v and fp32 probabilities; ours bf16 q, k, v and fp16 ones
+    assert kept["ours"] == 3 * B * H * L * D * 2 + B * H * L * L * 2
+    assert kept["ours"] < kept["pytorch"] / 1.8
+
+
+def test_calls_it_does_not_cover_go_to_pytorchs_kernel() -> None:
+    q, k, v = _inputs(torch.float32)
+    with MathAttention():
+        causal = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        no_key = torch.zeros(B, 1, L, L, dtype=torch.bool)  # rows with nothing to attend to
+        empty = F.scaled_dot_product_attention(q, k, v, attn_mask=no_key)
+        dropped = F.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    for out in (causal, empty, dropped):
+        assert "SoftmaxAttention" not in type(out.grad_fn).__name__
+    with sdpa_kernel([SDPBackend.MATH]):
+        torch.testing.assert_close(causal, F.scaled_dot_product_attention(q, k, v, is_causal=True))
