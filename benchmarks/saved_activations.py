@@ -2,7 +2,8 @@
 
     .venv/bin/python -m benchmarks.saved_activations [--batch 16] [--length 256] [--set key=value ...]
 
-Counts each saved storage once (views of one tensor share it), under the train stage's precision. This is where
+Counts each saved storage once (views of one tensor share it), under the train stage's precision and attention
+kernel. This is where
 the activation share of training memory goes; `lora_vs_full` measures the whole process.
 """
 
@@ -16,6 +17,7 @@ import torch
 from spanflow.config import load_config
 from tasks.inference import autocast, default_device, resolve_precision
 from tasks.modeling import apply_method, load_backbone
+from tasks.passes import attention_kernel
 
 
 def saved_bytes(overrides: list[str], batch: int, length: int) -> tuple[Counter, int]:
@@ -40,7 +42,11 @@ def saved_bytes(overrides: list[str], batch: int, length: int) -> tuple[Counter,
             by_kind[(tuple(t.shape), str(t.dtype).removeprefix("torch."))] += storage.nbytes() / 2**20
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(device, precision):
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        autocast(device, precision),
+        attention_kernel(device, length, cfg.train.math_attention_max_width),  # the kernel the train stage picks
+    ):
         model(input_ids=ids, attention_mask=torch.ones_like(ids), start_positions=labels, end_positions=labels)
     return by_kind, count
 
