@@ -76,10 +76,8 @@ def softmax_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, s
     """`scaled_dot_product_attention`'s signature; the math kernel where `_SoftmaxAttentionFn` does not apply."""
     if not _covered(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
         with sdpa_kernel([SDPBackend.MATH]):
-            return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                enable_gqa=enable_gqa,
-            )
+            args = (q, k, v, attn_mask, dropout_p, is_causal)
+            return F.scaled_dot_product_attention(*args, scale=scale, enable_gqa=enable_gqa)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     return _SoftmaxAttentionFn.apply(q, k, v, attn_mask, scale)
 
