@@ -9,7 +9,7 @@ same fp32 backward, but keeps query, key and value as they came (bf16) and the p
 
 `MathAttention` routes `torch.nn.functional.scaled_dot_product_attention` calls made inside it to this
 function (a `TorchFunctionMode`, so any backbone that calls SDPA gets it); calls it does not cover (dropout,
-causal, grouped heads, a mask row with no key) go to PyTorch's math kernel unchanged.
+causal, grouped heads, a mask row with no key, a mask that needs a gradient) go to PyTorch's math kernel.
 """
 
 from __future__ import annotations
@@ -67,9 +67,12 @@ def _covered(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None
         return False
     if attn_mask is None:
         return True
-    if attn_mask.dtype == torch.bool:  # a row with no key to attend: leave it to PyTorch's own handling
+    if attn_mask.requires_grad:  # a learned bias: its gradient is not computed here
+        return False
+    # a row with no key to attend: leave it to PyTorch's own handling
+    if attn_mask.dtype == torch.bool:
         return bool(attn_mask.any(-1).all())
-    return attn_mask.is_floating_point()
+    return attn_mask.is_floating_point() and not bool(torch.isneginf(attn_mask).all(-1).any())
 
 
 def softmax_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):  # noqa: ANN001, ANN201

@@ -75,7 +75,12 @@ def test_calls_it_does_not_cover_go_to_pytorchs_kernel() -> None:
         no_key = torch.zeros(B, 1, L, L, dtype=torch.bool)  # rows with nothing to attend to
         empty = F.scaled_dot_product_attention(q, k, v, attn_mask=no_key)
         dropped = F.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
-    for out in (causal, empty, dropped):
+        bias = torch.zeros(B, 1, L, L, requires_grad=True)  # a learned bias needs its gradient
+        learned = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        minus_inf = torch.zeros(B, 1, L, L)
+        minus_inf[1, 0, 3] = float("-inf")  # one query with every key masked
+        inf_row = F.scaled_dot_product_attention(q, k, v, attn_mask=minus_inf)
+    for out in (causal, empty, dropped, learned, inf_row):
         assert "SoftmaxAttention" not in type(out.grad_fn).__name__
     with sdpa_kernel([SDPBackend.MATH]):
         torch.testing.assert_close(causal, F.scaled_dot_product_attention(q, k, v, is_causal=True))
