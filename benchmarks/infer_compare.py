@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from tasks.memory import peak_rss_mb
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -93,11 +94,6 @@ def ensure_tf52_venv(
 
 
 # --------------------------------------------------------------------------- the spanflow side (a child process)
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024**2)
 
 
 def spanflow_side(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The `question-answering` pipeline of transformers 5.2.0 over SQuAD records, timed.
 
 Runs inside benchmarks/.venv-tf52 (made by `benchmarks.infer_compare.ensure_tf52_venv`), started by
-benchmarks/infer_compare.py; imports only the standard library, torch and transformers.
+benchmarks/infer_compare.py; imports only the standard library, torch, transformers and the project's
+standard-library-only `tasks/memory.py`.
 
     benchmarks/.venv-tf52/bin/python benchmarks/pipeline_side.py --model-dir models/final/hf \\
         --records dev.jsonl --max-seq-len 256 --doc-stride 64 --max-answer-len 30 --out pipeline.json
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -26,6 +26,9 @@ from typing import Any
 
 import torch
 import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tasks.memory, outside the project's venv
+from tasks.memory import peak_rss_mb  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 WARMUP_RECORDS = 3
@@ -35,11 +38,6 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     """JSON lines with at least id, question and context."""
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024**2)
 
 
 def answer_all(qa: Any, records: list[dict[str, Any]], call_kwargs: dict[str, Any]) -> list[str]:

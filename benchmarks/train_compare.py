@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from tasks.memory import peak_rss_mb
 
 SIDES = ("spanflow", "trainer")
 F1_TOLERANCE = 1.0  # F1 points; beyond this the speed comparison is void
@@ -82,11 +83,6 @@ def freeze_config(cfg, path: Path) -> None:
     import yaml
 
     path.write_text(yaml.safe_dump(cfg.with_values({"search.enabled": False}).to_dict(), sort_keys=False))
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024**2)
 
 
 def load_splits(cfg) -> tuple[list[dict], list[dict], str]:

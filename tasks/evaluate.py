@@ -17,10 +17,11 @@ from tasks.best_params import final_config
 from tasks.data import read_jsonl
 from tasks.inference import answer_questions, default_device, load_qa_model, resolve_precision
 from tasks.io_utils import atomic_write_json
+from tasks.memory import peak_rss_mb
 from tasks.spans import answer_texts
 from tasks.squad_metrics import score
 from tasks.tracking import load_run_ref, setup_mlflow
-from tasks.train import SUMMARY_FILE, peak_rss_mb
+from tasks.train import SUMMARY_FILE
 
 PREDICTIONS_FILE = RESULTS / "predictions.json"
 METRICS_FILE = RESULTS / "metrics.json"

@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import resource
-import sys
 from dataclasses import asdict
 
 import mlflow
@@ -23,6 +21,7 @@ from tasks.features import Features
 from tasks.featurize import load_split_features
 from tasks.inference import default_device
 from tasks.io_utils import atomic_write_json, atomic_write_text
+from tasks.memory import peak_rss_mb
 from tasks.modeling import apply_method, export_merged, load_backbone, load_tokenizer
 from tasks.plots import learning_curves
 from tasks.tracking import git_commit, load_run_ref, prefect_tags, save_run_ref, setup_mlflow
@@ -31,11 +30,6 @@ from tasks.training import EpochStats, train_model
 SUMMARY_FILE = MODEL / "train.json"
 HISTORY_FILE = RESULTS / "history.csv"
 CURVES_FILE = RESULTS / "learning_curves.png"
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024**2)
 
 
 def _data_tags() -> dict[str, str]:

@@ -1,0 +1,39 @@
+"""Peak RSS is the process's own (tasks/memory.py): a subprocess of a big process does not report its parent's
+peak, as `ru_maxrss` does on Linux across fork + exec."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks.memory import STATUS, peak_rss_mb
+
+ROOT = Path(__file__).resolve().parent.parent
+CHILD = "import resource; from tasks.memory import peak_rss_mb; print(peak_rss_mb(), resource.getrusage(0).ru_maxrss)"
+
+pytestmark = pytest.mark.skipif(not STATUS.exists(), reason="VmHWM is Linux's")
+
+
+def test_peak_grows_with_what_this_process_touches() -> None:
+    before = peak_rss_mb()
+    block = bytearray(256 * 2**20)  # zero pages: touched below
+    for i in range(0, len(block), 4096):
+        block[i] = 1
+    assert peak_rss_mb() >= before + 200
+    del block
+
+
+def test_a_child_of_a_big_process_reports_its_own_peak_not_its_parents() -> None:
+    block = bytearray(512 * 2**20)
+    for i in range(0, len(block), 4096):
+        block[i] = 1
+    parent = peak_rss_mb()
+    out = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, capture_output=True, text=True, check=True)
+    child_mb, child_maxrss_kb = (float(x) for x in out.stdout.split())
+    assert parent > 512
+    assert child_maxrss_kb / 1024 >= parent * 0.9  # what ru_maxrss said: the parent's peak carried over
+    assert child_mb < 100  # a bare interpreter's own
+    del block
