@@ -62,7 +62,7 @@ class _SoftmaxAttentionFn(torch.autograd.Function):
         return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None
 
 
-def _covered(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False) -> bool:  # noqa: ANN001
+def _covered(q, k, v, attn_mask, dropout_p: float, is_causal: bool, enable_gqa: bool) -> bool:  # noqa: ANN001
     if dropout_p or is_causal or enable_gqa or not (q.dim() == k.dim() == v.dim() == 4) or q.shape != k.shape:
         return False
     if attn_mask is None:
@@ -77,7 +77,7 @@ def _covered(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None
 
 def softmax_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):  # noqa: ANN001, ANN201
     """`scaled_dot_product_attention`'s signature; the math kernel where `_SoftmaxAttentionFn` does not apply."""
-    if not _covered(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    if not _covered(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa):
         with sdpa_kernel([SDPBackend.MATH]):
             args = (q, k, v, attn_mask, dropout_p, is_causal)
             return F.scaled_dot_product_attention(*args, scale=scale, enable_gqa=enable_gqa)
