@@ -5,7 +5,9 @@ B, the scaling and the sum as separate ops, each one more pass over a batch × t
 autocast it also re-casts the frozen fp32 weight on every call, and autograd saves that copy. Here the frozen
 weight is cast once per dtype and kept, the scaling folds into B, the adapter's product is added inside the
 base matmul (addmm), and the backward computes only the input gradient and the two small adapter gradients.
-Layers that read the same input (query, key and value) share one cast of it, which autograd saves once.
+Layers that read the same input (query, key and value) share one cast of it, which autograd saves once. A layer
+whose input comes straight out of a GELU (BERT's FFN output) keeps the GELU's input, which the GELU node keeps
+anyway, and recomputes its output in backward: one intermediate-sized tensor less per layer, the same bits.
 Same function, same parameters and state dict: checkpoints, `merge_and_unload` and export are unchanged.
 """
 
@@ -20,28 +22,43 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
 
 class _LoraLinearFn(torch.autograd.Function):
-    """x (N, in) in the compute dtype; weight (out, in) already in it; lora_a (r, in), lora_b (out, r) fp32."""
+    """x (N, in) in the compute dtype; weight (out, in) already in it; lora_a (r, in), lora_b (out, r) fp32.
+    `gelu_input`, when given, is a tensor with x = gelu(gelu_input, approximate) (up to a reshape and the cast to
+    x's dtype): it is saved instead of x, and x is recomputed from it in backward."""
 
     @staticmethod
-    def forward(ctx: Any, x, weight, bias, lora_a, lora_b, scaling: float):  # noqa: ANN001, ANN205
+    def forward(ctx: Any, x, weight, bias, lora_a, lora_b, scaling: float, gelu_input=None, approximate="none"):  # noqa: ANN001, ANN205
         a = lora_a.to(x.dtype)
         b = (lora_b * scaling).to(x.dtype)
         h = x @ a.t()
         y = x @ weight.t() if bias is None else torch.addmm(bias.to(x.dtype), x, weight.t())
         y.addmm_(h, b.t())
-        ctx.save_for_backward(x, weight, a, b, h)
-        ctx.scaling = scaling
+        ctx.save_for_backward(x if gelu_input is None else gelu_input, weight, a, b, h)
+        ctx.scaling, ctx.recompute = scaling, gelu_input is not None
+        ctx.approximate, ctx.x_shape, ctx.x_dtype = approximate, x.shape, x.dtype
         return y
 
     @staticmethod
     def backward(ctx: Any, gy):  # noqa: ANN001, ANN205
         x, weight, a, b, h = ctx.saved_tensors
-        gy = gy.to(x.dtype)
+        gy = gy.to(ctx.x_dtype)
         gh = gy @ b  # gradient at h = x·Aᵀ (b already holds the scaling)
         gx = (gy @ weight).addmm_(gh, a) if ctx.needs_input_grad[0] else None
-        ga = (gh.t() @ x).float() if ctx.needs_input_grad[3] else None
+        ga = None
+        if ctx.needs_input_grad[3]:  # the only use of x
+            if ctx.recompute:  # the GELU's own kernel on its own input: bit for bit the forward's x
+                x = torch.nn.functional.gelu(x, approximate=ctx.approximate).to(ctx.x_dtype).reshape(ctx.x_shape)
+            ga = (gh.t() @ x).float()
         gb = (gy.t() @ h).float().mul_(ctx.scaling) if ctx.needs_input_grad[4] else None
-        return gx, None, None, ga, gb, None
+        return gx, None, None, ga, gb, None, None, None
+
+
+def _gelu_input(x: torch.Tensor) -> tuple[torch.Tensor | None, str]:
+    """(input, approximate) of the GELU that produced x, when autograd holds that input anyway; else (None, "")."""
+    node = x.grad_fn
+    if node is None or type(node).__name__ != "GeluBackward0":
+        return None, ""
+    return node._saved_self, node._saved_approximate
 
 
 class _InputCast(threading.local):
@@ -108,6 +125,7 @@ class FusedLoraLinear(PeftLoraLinear):
         name = self.active_adapters[0]
         base = self.get_base_layer()
         x2 = _input_cast(x, dtype)
+        gelu_input, approximate = _gelu_input(x)
         with torch.autocast(device, enabled=False):  # dtypes are set here; autocast must not re-cast
             y = _LoraLinearFn.apply(
                 x2,
@@ -116,6 +134,8 @@ class FusedLoraLinear(PeftLoraLinear):
                 self.lora_A[name].weight,
                 self.lora_B[name].weight,
                 float(self.scaling[name]),
+                gelu_input,
+                approximate,
             )
         return y.reshape(*x.shape[:-1], y.shape[-1])
 

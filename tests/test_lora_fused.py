@@ -168,3 +168,34 @@ def test_config_switch_selects_the_path(model_dir: Path) -> None:
         cfg = tiny_config(model_dir, [f"method.lora.fused={str(fused).lower()}"])
         model = apply_method(load_backbone(cfg.model), cfg.method).model
         assert {type(m) for m in model.modules() if isinstance(m, PeftLoraLinear)} == {cls}
+
+
+def test_ffn_output_layer_keeps_the_gelu_input_and_recomputes_the_same_bits(
+    model_dir: Path, batch: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """output.dense reads gelu(intermediate): it saves the GELU's input, which the GELU node keeps anyway, instead
+    of the GELU's output, and recomputes the output in backward. Outputs and gradients are bit for bit those of the
+    same fused model that saves the output; per layer one (tokens, intermediate) tensor less is kept."""
+    tokens, layers = batch["input_ids"].numel(), 2  # the tiny BERT: 2 layers, intermediate size 64
+
+    def run(model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        storages: set[int] = set()
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.dim() in (2, 3) and t.numel() == tokens * 64 and t.dtype == torch.bfloat16:  # not the 4-d mask
+                storages.add(t.untyped_storage().data_ptr())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits, grads = forward_backward(model, batch, bf16=True)
+        return logits, grads, len(storages)
+
+    _, fused = pair(model_dir)
+    logits, grads, kept = run(fused)
+    monkeypatch.setattr("tasks.lora_fused._gelu_input", lambda x: (None, ""))  # save the GELU's output
+    ref_logits, ref_grads, ref_kept = run(fused)
+    assert (kept, ref_kept) == (layers, 2 * layers)
+    assert torch.equal(logits, ref_logits)
+    assert grads.keys() == ref_grads.keys()
+    assert all(torch.equal(grads[n], ref_grads[n]) for n in grads)
+    assert any("output.dense.lora_A" in n and grads[n].abs().sum() > 0 for n in grads)
