@@ -225,7 +225,11 @@ def _spread(values: list[float]) -> dict[str, Any]:
 
 
 def _disagreements(records: list[dict], ours: dict[str, str], theirs: dict[str, str], version: str) -> dict[str, Any]:
-    """How the two sides' answers differ, per question."""
+    """How the two sides' answers differ, per question, and the 95% paired-bootstrap interval of each gap: a gap
+    whose interval holds 0 is within what resampling the 705 questions moves it by."""
+    import numpy as np
+
+    from tasks.bootstrap import paired_bootstrap
     from tasks.squad_metrics import normalize_answer, per_question_scores
 
     s_scores = per_question_scores(records, ours, version)
@@ -242,7 +246,15 @@ def _disagreements(records: list[dict], ours: dict[str, str], theirs: dict[str, 
             kinds["spanflow_longer"] += 1
         else:
             kinds["overlapping_or_disjoint"] += 1
+    ids = [r["id"] for r in records]
+    intervals = {}
+    for k, metric in enumerate(("em", "f1")):
+        ci = paired_bootstrap(
+            np.array([100 * s_scores[i][k] for i in ids]), np.array([100 * p_scores[i][k] for i in ids]), 2000, 0.95, 0
+        )
+        intervals[f"{metric}_gap_interval"] = [ci.low, ci.high]
     return {
+        **intervals,
         "answers_differ": len(differ),
         "answers_differ_pct": 100 * len(differ) / len(records),
         "kinds": kinds,
@@ -456,7 +468,9 @@ def print_table(result: dict[str, Any]) -> None:
         print(
             f"spanflow {p} vs pipeline: speed-up x{v['inference_speedup_vs_pipeline']:.2f} "
             f"(paired reps {paired['min']:.2f}-{paired['max']:.2f}), F1 {v['f1_gap_vs_pipeline']:+.2f}, "
-            f"EM {v['em_gap_vs_pipeline']:+.2f}, answers differ on {d['answers_differ']} "
+            f"EM {v['em_gap_vs_pipeline']:+.2f} (95% intervals: F1 {d['f1_gap_interval'][0]:+.2f}.."
+            f"{d['f1_gap_interval'][1]:+.2f}, EM {d['em_gap_interval'][0]:+.2f}..{d['em_gap_interval'][1]:+.2f}), "
+            f"answers differ on {d['answers_differ']} "
             f"({d['answers_differ_pct']:.1f}%) {d['kinds']}"
         )
         if "stage_seconds" in s:
