@@ -632,10 +632,16 @@ def test_early_stopping_restores_the_best_epoch(train, feats: Features, tokenize
     if patience == 1:
         assert result.stopped_early  # the absurd learning rate makes the validation loss rise
     best = int(np.argmin(val)) + 1
-    assert result.best_epoch == best < len(hist)
+    assert result.best_epoch == best
+    # Stopping counts an epoch as no better unless it lowers the loss by 1e-4; selection takes the lowest loss. A
+    # diverged model can end on a loss lower than an earlier one by less (3.7749 twice on an AMD EPYC): then the
+    # last epoch is the best and nothing is rolled back. With patience 1 the stop follows a rise here.
+    if patience == 1:
+        assert best < len(hist)
     final = trainable_state(run.prepared.model)
     _assert_same_weights(final, run.weights[best])
-    assert any(not torch.equal(final[n], run.weights[len(hist)][n]) for n in final)  # really rolled back
+    if best < len(hist):
+        assert any(not torch.equal(final[n], run.weights[len(hist)][n]) for n in final)  # really rolled back
     assert _train_set_loss(run.prepared.model, feats, tokenizer.pad_token_id) == pytest.approx(val[best - 1])
 
 
