@@ -224,9 +224,12 @@ def _spread(values: list[float]) -> dict[str, Any]:
     }
 
 
-def _disagreements(records: list[dict], ours: dict[str, str], theirs: dict[str, str], version: str) -> dict[str, Any]:
-    """How the two sides' answers differ, per question, and the 95% paired-bootstrap interval of each gap: a gap
-    whose interval holds 0 is within what resampling the 705 questions moves it by."""
+def _disagreements(
+    records: list[dict], ours: dict[str, str], theirs: dict[str, str], version: str, gate: Any
+) -> dict[str, Any]:
+    """How the two sides' answers differ, per question, and the paired-bootstrap interval of each gap with the
+    promotion gate's settings (`gate`: params.yaml's `registry`): a gap whose interval holds 0 is within what
+    resampling the questions moves it by."""
     import numpy as np
 
     from tasks.bootstrap import paired_bootstrap
@@ -247,11 +250,10 @@ def _disagreements(records: list[dict], ours: dict[str, str], theirs: dict[str, 
         else:
             kinds["overlapping_or_disjoint"] += 1
     ids = [r["id"] for r in records]
-    intervals = {}
+    intervals: dict[str, Any] = {"gap_interval_confidence": gate.confidence}
     for k, metric in enumerate(("em", "f1")):
-        ci = paired_bootstrap(
-            np.array([100 * s_scores[i][k] for i in ids]), np.array([100 * p_scores[i][k] for i in ids]), 2000, 0.95, 0
-        )
+        ours_k, theirs_k = (np.array([100 * scores[i][k] for i in ids]) for scores in (s_scores, p_scores))
+        ci = paired_bootstrap(ours_k, theirs_k, gate.bootstrap_resamples, gate.confidence, gate.seed)
         intervals[f"{metric}_gap_interval"] = [ci.low, ci.high]
     return {
         **intervals,
@@ -422,7 +424,7 @@ def compare(
             "em_gap_vs_pipeline": side["exact_match"] - pipe["exact_match"],
             "rss_ratio_vs_pipeline": side["peak_rss_mb"] / pipe["peak_rss_mb"],
         }
-        differ = _disagreements(records, runs[p][0]["predictions"], pipe_preds, version)
+        differ = _disagreements(records, runs[p][0]["predictions"], pipe_preds, version, cfg.registry)
         side["vs_pipeline"] = gaps | {"disagreement": differ}
         result["spanflow"][p] = side
         for k, v in gaps.items():
@@ -465,11 +467,12 @@ def print_table(result: dict[str, Any]) -> None:
         v = s["vs_pipeline"]
         d = v["disagreement"]
         paired = v["inference_speedup_vs_pipeline_paired"]
+        (f1_lo, f1_hi), (em_lo, em_hi) = d["f1_gap_interval"], d["em_gap_interval"]
         print(
             f"spanflow {p} vs pipeline: speed-up x{v['inference_speedup_vs_pipeline']:.2f} "
             f"(paired reps {paired['min']:.2f}-{paired['max']:.2f}), F1 {v['f1_gap_vs_pipeline']:+.2f}, "
-            f"EM {v['em_gap_vs_pipeline']:+.2f} (95% intervals: F1 {d['f1_gap_interval'][0]:+.2f}.."
-            f"{d['f1_gap_interval'][1]:+.2f}, EM {d['em_gap_interval'][0]:+.2f}..{d['em_gap_interval'][1]:+.2f}), "
+            f"EM {v['em_gap_vs_pipeline']:+.2f} ({round(100 * d['gap_interval_confidence'])}% intervals: "
+            f"F1 {f1_lo:+.2f}..{f1_hi:+.2f}, EM {em_lo:+.2f}..{em_hi:+.2f}), "
             f"answers differ on {d['answers_differ']} "
             f"({d['answers_differ_pct']:.1f}%) {d['kinds']}"
         )
