@@ -6,6 +6,9 @@ and autograd keeps its fp32 copies of query, key and value and the fp32 probabil
 16 chunks of 128 tokens, 3.5x what the flash kernel keeps. This one computes the same fp32 forward and the
 same fp32 backward, but keeps query, key and value as they came (bf16) and the probabilities in fp16
 (values in [0, 1]: 11 bits of mantissa where bf16 has 8): 10.5 MiB per layer. In fp32 it keeps fp32.
+The backward takes the softmax's gradient in one pass (`torch._softmax_backward_data`, PyTorch's own kernel)
+instead of four over the tokens x tokens matrix, and scales the small query and key gradients instead of that
+matrix: training passes at chunk 128 ran 1.05x faster (benchmarks/README.md, seventh round).
 
 `MathAttention` routes `torch.nn.functional.scaled_dot_product_attention` calls made inside it to this
 function (a `TorchFunctionMode`, so any backbone that calls SDPA gets it); calls it does not cover (dropout,
@@ -25,6 +28,11 @@ from torch.overrides import TorchFunctionMode
 PROBS_DTYPE = torch.float16
 
 
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32 and contiguous, in one copy (query, key and value arrive as strided head views)."""
+    return x.to(torch.float32, memory_format=torch.contiguous_format)
+
+
 class _SoftmaxAttentionFn(torch.autograd.Function):
     """softmax(q·kᵀ·scale + mask)·v in fp32; q, k, v (batch, heads, tokens, head dim) in any float dtype."""
 
@@ -35,11 +43,11 @@ class _SoftmaxAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx: Any, q, k, v, mask, scale: float):  # noqa: ANN001, ANN205
-        scores = (q.float() * scale) @ k.float().transpose(-2, -1)
+        scores = (_fp32(q) * scale) @ _fp32(k).transpose(-2, -1)
         if mask is not None:
             scores = scores.masked_fill_(~mask, -math.inf) if mask.dtype == torch.bool else scores.add_(mask)
         probs = torch.softmax(scores, dim=-1)
-        out = probs @ v.float()
+        out = probs @ _fp32(v)
         keep = torch.float32 if q.dtype == torch.float32 else PROBS_DTYPE  # fp32 training keeps fp32 throughout
         ctx.save_for_backward(q, k, v, probs.to(keep))
         ctx.scale = scale
@@ -53,12 +61,12 @@ class _SoftmaxAttentionFn(torch.autograd.Function):
     @staticmethod
     def _backward(ctx: Any, grad_out):  # noqa: ANN001, ANN205
         q, k, v, probs = ctx.saved_tensors
-        p, g = probs.float(), grad_out.float()
+        p, g = probs.float(), _fp32(grad_out)
         grad_v = p.transpose(-2, -1) @ g
-        grad_p = g @ v.float().transpose(-2, -1)
-        grad_s = grad_p.sub_((grad_p * p).sum(-1, keepdim=True)).mul_(p).mul_(ctx.scale)  # softmax backward
-        grad_q = grad_s @ k.float()
-        grad_k = grad_s.transpose(-2, -1) @ q.float()
+        grad_p = g @ _fp32(v).transpose(-2, -1)
+        grad_s = torch._softmax_backward_data(grad_p, p, -1, torch.float32)
+        grad_q = (grad_s @ _fp32(k)).mul_(ctx.scale)
+        grad_k = (grad_s.transpose(-2, -1) @ _fp32(q)).mul_(ctx.scale)
         return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None
 
 
