@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup, set_seed
 
 from spanflow.config import Config, TrainConfig
+from tasks.allocator import keeping_heap
 from tasks.features import Features, Record
 from tasks.inference import autocast, pad_batch, resolve_precision, run_model
 from tasks.modeling import PreparedModel, load_trainable_state, trainable_state
@@ -145,6 +146,7 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+@keeping_heap  # the allocator keeps what the passes free for the next ones (tasks.allocator)
 def train_model(
     prepared: PreparedModel,
     train_feats: Features,
