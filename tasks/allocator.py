@@ -4,7 +4,7 @@ Every training pass allocates and frees the same large activations. glibc serves
 with fresh mappings, and it gives the top of its heap back to the kernel once more than its trim threshold lies
 free there; both thresholds follow the largest block freed so far (at most 32 and 64 MB). Either way the next
 pass touches pages the kernel must zero-fill again: ~34,000 page faults (130 MB) per step at chunk 128 on the
-development CPU, ~8% of the step's time (benchmarks/README.md, seventh round). While `heap_kept()` is active,
+development CPU, ~8% of the step's CPU time (benchmarks/README.md, seventh round). While `heap_kept()` is active,
 blocks up to 32 MB come from the heap and the heap is not trimmed; the peak is the same (the heap already grew
 to it), memory between steps stays with the process for reuse. On leaving, the free memory goes back to the
 kernel (`malloc_trim`) and the thresholds stay at the values glibc's own adjustment tends to: 32 and 64 MB.
