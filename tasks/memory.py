@@ -1,4 +1,5 @@
-"""Peak resident memory of this process, as the train/evaluate stages and the benchmarks report it."""
+"""Resident memory of this process, peak and current, as the train/evaluate stages, the benchmarks and the tests
+read it."""
 
 from __future__ import annotations
 
@@ -9,14 +10,27 @@ from pathlib import Path
 STATUS = Path("/proc/self/status")
 
 
+def _status_mb(key: str) -> float | None:
+    """A memory line of /proc/self/status (`VmHWM`, `VmRSS`, ...) in MiB; None where there is none (not Linux)."""
+    try:
+        for line in STATUS.read_text().splitlines():
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set so far, in MiB: Linux's VmHWM, the high-water mark of this process's own
     memory. Not `ru_maxrss`: across fork + exec Linux carries the parent's peak into the child's `ru_maxrss`, so a
     subprocess started by a 800 MB benchmark process reported at least 800 MB whatever it used itself."""
-    try:
-        for line in STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
+    peak = _status_mb("VmHWM")
+    if peak is not None:
+        return peak
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024**2)
+
+
+def rss_mb() -> float | None:
+    """This process's resident set now, in MiB (Linux's VmRSS); None where /proc has no such line."""
+    return _status_mb("VmRSS")

@@ -18,16 +18,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
 import contextlib, ctypes, json, resource, sys
 from tasks.allocator import heap_kept
+from tasks.memory import rss_mb
 
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes, libc.memset.argtypes = [ctypes.c_void_p], [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
 SIZE = 20 * 2**20
-
-def rss_mb():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
 
 def rounds(n):
     for _ in range(n):
