@@ -34,3 +34,19 @@ def peak_rss_mb() -> float:
 def rss_mb() -> float | None:
     """This process's resident set now, in MiB (Linux's VmRSS); None where /proc has no such line."""
     return _status_mb("VmRSS")
+
+
+def mapped_mb(path: str | Path) -> float:
+    """Resident MiB of this process's mappings of the file `path` (/proc/self/smaps; 0.0 where there is none)."""
+    target, total, inside = str(Path(path).resolve()), 0, False
+    try:
+        with open("/proc/self/smaps") as smaps:
+            for line in smaps:
+                head = line.split(maxsplit=5)
+                if head and "-" in head[0] and not head[0].endswith(":"):  # a mapping's first line
+                    inside = len(head) == 6 and head[5].rstrip("\n") == target
+                elif inside and head[0] == "Rss:":
+                    total += int(head[1])  # kB
+    except OSError:
+        return 0.0
+    return total / 1024

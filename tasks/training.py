@@ -21,7 +21,8 @@ from transformers import get_linear_schedule_with_warmup, set_seed
 from spanflow.config import Config, TrainConfig
 from tasks.allocator import keeping_heap
 from tasks.features import Features, Record
-from tasks.inference import autocast, pad_batch, resolve_precision, run_model
+from tasks.inference import PRECISIONS, autocast, pad_batch, resolve_precision, run_model
+from tasks.lora_fused import release_fp32_bases
 from tasks.modeling import PreparedModel, load_trainable_state, trainable_state
 from tasks.passes import attention_kernel, length_sorted_passes
 from tasks.qa_loss import span_loss
@@ -165,6 +166,10 @@ def train_model(
     model = prepared.model
     device = next(model.parameters()).device
     precision = resolve_precision(tc.precision, device)
+    if PRECISIONS[precision] is not None:  # LoRA's frozen base resident once, in the compute dtype
+        released = release_fp32_bases(model, PRECISIONS[precision])
+        if released:
+            print(f"frozen LoRA base kept in {precision}: {released / 2**20:.0f} MiB of fp32 pages handed back")
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]

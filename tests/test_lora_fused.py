@@ -14,7 +14,7 @@ from transformers import set_seed
 
 from tasks.features import featurize
 from tasks.inference import pad_batch
-from tasks.lora_fused import FusedLoraLinear, fuse_lora
+from tasks.lora_fused import FusedLoraLinear, fuse_lora, release_fp32_bases
 from tasks.modeling import apply_method, load_backbone, load_tokenizer
 from tests.helpers import make_tiny_model_dir, tiny_config, tiny_records
 
@@ -199,3 +199,16 @@ def test_ffn_output_layer_keeps_the_gelu_input_and_recomputes_the_same_bits(
     assert grads.keys() == ref_grads.keys()
     assert all(torch.equal(grads[n], ref_grads[n]) for n in grads)
     assert any("output.dense.lora_A" in n and grads[n].abs().sum() > 0 for n in grads)
+
+
+def test_releasing_the_fp32_bases_changes_no_bit(model_dir: Path, batch: dict) -> None:
+    """`release_fp32_bases` makes the forward's bf16 copies up front and hands the fp32 pages back (tests/
+    test_paging.py): training from there computes exactly what it computes without."""
+    _, fused = pair(model_dir)
+    ref = copy.deepcopy(fused)
+    release_fp32_bases(fused, torch.bfloat16)
+    for _ in range(2):  # the second pass reads the copies the first one kept
+        logits, grads = forward_backward(fused, batch, bf16=True)
+        ref_logits, ref_grads = forward_backward(ref, batch, bf16=True)
+        assert torch.equal(logits, ref_logits)
+        assert all(torch.equal(grads[n], ref_grads[n]) for n in ref_grads)
