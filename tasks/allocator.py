@@ -30,13 +30,19 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def _glibc() -> ctypes.CDLL | None:
+@functools.cache
+def linux_libc() -> ctypes.CDLL | None:
+    """The C library this Linux process runs on (its global symbols, errno kept); None off Linux."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL("libc.so.6")
+        return ctypes.CDLL(None, use_errno=True)
     except OSError:
         return None
+
+
+def _glibc() -> ctypes.CDLL | None:
+    libc = linux_libc()
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 

@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-import sys
 
 import torch
+
+from tasks.allocator import linux_libc
 
 MADV_PAGEOUT = 21  # linux/mman.h, since Linux 5.4
 
 
 def _madvise() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    fn = getattr(linux_libc(), "madvise", None)
+    if fn is not None:
+        fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
     return fn
 
 
