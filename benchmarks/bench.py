@@ -49,13 +49,22 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         # one epoch of the chunks at the searched point (255 steps at chunk 256, 466 at 128) x 3 seeds: after
         # 120 steps validation F1 still swung by 16 to 21 points from seed to seed on either side, too chaotic
         # for a 1-point agreement check
-        "train": {"epochs": 1, "reps": 3, "val_questions": 300, "vary_seed": True},
+        # scored on the 291 validation + 705 dev questions: on the validation questions alone, F1 moved by a point or
+        # more between two trainings, as much as the 1-point agreement allows
+        "train": {"epochs": 1, "reps": 3, "val_questions": 300, "dev_questions": None, "vary_seed": True},
         "infer": {"questions": None, "reps": 3, "precisions": ["config", "fp32"]},
         "lora": {"steps": 20, "reps": 3, "train_questions": 400, "val_questions": 100},
         "scaling": {"questions": 24, "train_steps": 4, "reps": 2},
     },
     "quick": {
-        "train": {"steps": 6, "reps": 1, "train_questions": 48, "val_questions": 40, "vary_seed": False},
+        "train": {
+            "steps": 6,
+            "reps": 1,
+            "train_questions": 48,
+            "val_questions": 40,
+            "dev_questions": 20,
+            "vary_seed": False,
+        },
         "infer": {"questions": 40, "reps": 1, "precisions": ["config"]},
         "lora": {"steps": 4, "reps": 1, "train_questions": 48, "val_questions": 20},
         "scaling": {"questions": 4, "chunks": (1, 2), "lengths": (128, 256), "train_steps": 1, "reps": 1},
@@ -65,7 +74,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
 # (figure, comparison, threshold, what the issue asks for)
 TARGETS = [
     ("train_speedup_vs_trainer", ">=", 2.0, "training examples/s vs the Trainer reference"),
-    ("f1_gap_vs_trainer", "abs<=", 1.0, "validation F1 of the two trainings agree (else the speed claim is void)"),
+    ("f1_gap_vs_trainer", "abs<=", 1.0, "held-out F1 of the two trainings agree (else the speed claim is void)"),
     ("inference_speedup_vs_pipeline", ">=", 3.0, "questions/s vs the transformers 5.2.0 pipeline"),
     ("f1_gap_vs_pipeline", "abs<=", 0.5, "dev F1 of the two inferences agree"),
     ("em_gap_vs_pipeline", "abs<=", 0.5, "dev EM of the two inferences agree"),

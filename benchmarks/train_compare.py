@@ -1,7 +1,7 @@
 """spanflow's trainer against a reference `transformers.Trainer` run, same backbone, data, settings and steps.
 
     .venv/bin/python -m benchmarks.train_compare [--steps 20] [--reps 2] [--train-questions Q]
-        [--val-questions V] [--vary-seed] [--set key=value ...] [--spanflow-set key=value ...]
+        [--val-questions V] [--dev-questions D] [--vary-seed] [--set key=value ...] [--spanflow-set key=value ...]
         [--spanflow-lever NAME ...] [--json out.json]
 
 Both sides train params.yaml's final model (`final_config`: chunk length, overlap, LoRA rank/alpha/targets,
@@ -17,9 +17,11 @@ steps on the same seeded sample of training questions, starting from identical w
 
 Each side runs in its own subprocess (`--side`), so peak RSS is per side; sides alternate order rep by rep.
 Only the training loop is timed (feature preparation and evaluation are timed apart). Afterwards each side
-answers the same validation questions with the same evaluator (`answer_questions` + `answer_texts` +
-`score`), so an F1 difference comes from training alone. The speed claim holds only when the two F1 agree
-within `F1_TOLERANCE` points. This is a benchmark, not a test: the figures are for this machine, this run.
+answers the same held-out questions (the validation split and the prepare stage's dev split) with the same
+evaluator (`answer_questions` + `answer_texts` + SQuAD scoring), so an F1 difference comes from training alone.
+The speed claim holds only when the two median F1 agree within `F1_TOLERANCE` points; the paired-bootstrap
+interval of the gap says how much of it the choice of questions could move. This is a benchmark, not a test:
+the figures are for this machine, this run.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ METRICS = (
     "peak_rss_mb",
     "val_f1",
     "val_exact_match",
+    "heldout_f1",
+    "heldout_exact_match",
     "train_loss",
     "loop_cpu_seconds",
     "examples_per_cpu_s",
@@ -95,6 +99,14 @@ def load_splits(cfg) -> tuple[list[dict], list[dict], str]:
     records, _ = load_squad_json(cfg.data.train)
     train, val = split_by_article(limit_records(records, cfg.data.train_limit), cfg.data.val_fraction, cfg.data.seed)
     return train, val, cfg.data.train
+
+
+def load_dev() -> list[dict]:
+    """The prepare stage's dev questions (held out from training and selection alike); none without it."""
+    from spanflow.paths import PREPARED
+    from tasks.data import read_jsonl
+
+    return read_jsonl(PREPARED / "dev.jsonl") if (PREPARED / "dev.jsonl").is_file() else []
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
@@ -273,11 +285,12 @@ def apply_levers(model: Any, levers: list[str], cfg: Any) -> None:
             raise ValueError(f"unknown lever {name!r} (known: {', '.join([*MODEL_LEVERS, *LOOP_LEVERS])})")
 
 
-def evaluate(model: Any, tokenizer: Any, records: list[dict], cfg, precision: str) -> dict[str, float]:
-    """Validation EM/F1 with spanflow's chunked inference and SQuAD scorer (the same for both sides)."""
+def evaluate(model: Any, tokenizer: Any, records: list[dict], cfg, precision: str) -> dict[str, Any]:
+    """EM/F1 with spanflow's chunked inference and SQuAD scorer (the same for both sides), in total and per
+    question (0 to 100, in `records` order)."""
     from tasks.inference import answer_questions
     from tasks.spans import answer_texts
-    from tasks.squad_metrics import score
+    from tasks.squad_metrics import per_question_scores
 
     t0 = time.perf_counter()
     f, e = cfg.features, cfg.eval
@@ -296,9 +309,29 @@ def evaluate(model: Any, tokenizer: Any, records: list[dict], cfg, precision: st
     )
     version = "2.0" if any(r.get("is_impossible") for r in records) else "1.1"
     texts = answer_texts(answers, version, e.no_answer_threshold)
-    metrics = score(records, {r["id"]: t for r, t in zip(records, texts, strict=True)}, version)
-    seconds = time.perf_counter() - t0
-    return {"val_f1": metrics["f1"], "val_exact_match": metrics["exact_match"], "eval_seconds": seconds}
+    scores = per_question_scores(records, {r["id"]: t for r, t in zip(records, texts, strict=True)}, version)
+    em, f1 = ([100 * scores[r["id"]][k] for r in records] for k in (0, 1))
+    return {"exact_match": em, "f1": f1, "eval_seconds": time.perf_counter() - t0}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def held_out_scores(model: Any, tokenizer: Any, val: list[dict], dev: list[dict], cfg, precision: str) -> dict:
+    """The side's scores on the validation questions (`val_*`, as the train stage selects on) and on those plus the
+    dev questions (`heldout_*`, what the F1 agreement is judged on: 291 validation questions alone move F1 by a
+    point or more from one trained model to the next, the size of the tolerance)."""
+    out = evaluate(model, tokenizer, val + dev, cfg, precision)
+    em, f1 = out["exact_match"], out["f1"]
+    return {
+        "val_f1": _mean(f1[: len(val)]),
+        "val_exact_match": _mean(em[: len(val)]),
+        "heldout_f1": _mean(f1),
+        "heldout_exact_match": _mean(em),
+        "heldout_f1_per_question": f1,
+        "eval_seconds": out["eval_seconds"],
+    }
 
 
 # --------------------------------------------------------------------------- one side, in its own process
@@ -475,6 +508,7 @@ def run_side(
     if cfg.train.num_threads:  # train_model sets it for spanflow; the Trainer side gets the same
         torch.set_num_threads(cfg.train.num_threads)
     train, val = read_jsonl(data_dir / "train.jsonl"), read_jsonl(data_dir / "val.jsonl")
+    dev = read_jsonl(data_dir / "dev.jsonl") if (data_dir / "dev.jsonl").is_file() else []
     tokenizer = load_tokenizer(cfg.model)
     device = default_device()
     rss_before_model = peak_rss_mb()
@@ -497,7 +531,7 @@ def run_side(
         raise ValueError(f"--side: unknown side {side!r} (known: {', '.join(SIDES)})")
     rss_train = peak_rss_mb()
     counter: TokenCounter = out.pop("counter")
-    scores = evaluate(prepared.model, tokenizer, val, cfg, resolve_precision(cfg.train.precision, device))
+    scores = held_out_scores(prepared.model, tokenizer, val, dev, cfg, resolve_precision(cfg.train.precision, device))
     seconds = out["train_seconds"]
     features_per_question = out["features"] / len(train)
     return {
@@ -514,6 +548,7 @@ def run_side(
         "loss": cfg.train.loss,
         "train_questions": len(train),
         "val_questions": len(val),
+        "dev_questions": len(dev),
         "features_per_question": features_per_question,
         "rows_trained": counter.rows,
         "padded_tokens_trained": counter.positions,
@@ -556,6 +591,17 @@ def _spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def _f1_gap_interval(runs: dict[str, list[dict[str, Any]]], gate: Any) -> Any:
+    """Paired bootstrap over the scored questions of spanflow's minus the Trainer's F1, each averaged over the reps
+    (`tasks.bootstrap`, with the promotion gate's resamples, confidence and seed)."""
+    import numpy as np
+
+    from tasks.bootstrap import paired_bootstrap
+
+    per_side = [np.mean([r["heldout_f1_per_question"] for r in runs[s]], axis=0) for s in SIDES]
+    return paired_bootstrap(*per_side, gate.bootstrap_resamples, gate.confidence, gate.seed)
+
+
 def compare(
     steps: int = 20,
     reps: int = 2,
@@ -567,6 +613,7 @@ def compare(
     spanflow_levers: list[str] | None = None,
     vary_seed: bool = False,
     epochs: int | None = None,
+    dev_questions: int | None = None,
 ) -> dict[str, Any]:
     """Run both sides `reps` times, alternating their order; returns per-run figures, medians and ratios.
 
@@ -578,6 +625,11 @@ def compare(
     `spanflow_levers` (names in MODEL_LEVERS / LOOP_LEVERS) patch the spanflow side in its own process only.
     Each side is deterministic for a seed; with `vary_seed` rep k trains both sides with `train.seed` + k (same
     initial weights on both sides within a rep), so the F1 medians and ranges reflect seed-to-seed noise.
+
+    Both sides are scored on the validation questions plus `dev_questions` of the prepare stage's dev split (None:
+    all; 0: none). `f1_gap_vs_trainer` is the difference of the two sides' median F1 on those questions;
+    `f1_gap_interval` resamples the questions (paired, with the promotion gate's bootstrap settings) for the
+    interval of the gap in F1 averaged over the reps.
     """
     from tasks.search_worker import sample_questions
 
@@ -587,6 +639,7 @@ def compare(
     train_all, val_all, source = load_splits(cfg)
     train = sample_questions(train_all, train_questions, cfg.data.seed)
     val = sample_questions(val_all, val_questions, cfg.data.seed)
+    dev = sample_questions(load_dev(), dev_questions, cfg.data.seed) if dev_questions != 0 else []
     if epochs is not None:
         steps = steps_for_epochs(train, cfg, epochs)
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in SIDES}
@@ -594,6 +647,8 @@ def compare(
         data_dir = Path(tmp)
         write_jsonl(data_dir / "train.jsonl", train)
         write_jsonl(data_dir / "val.jsonl", val)
+        if dev:
+            write_jsonl(data_dir / "dev.jsonl", dev)
         freeze_config(cfg, data_dir / "params.yaml")
         for rep in range(reps):
             seed = [f"train.seed={cfg.train.seed + rep}"] if vary_seed else []
@@ -614,7 +669,10 @@ def compare(
     def ratio(metric: str) -> float:
         return sf[metric]["median"] / tr[metric]["median"]
 
-    f1_gap = sf["val_f1"]["median"] - tr["val_f1"]["median"]
+    f1_gap = sf["heldout_f1"]["median"] - tr["heldout_f1"]["median"]
+    interval = _f1_gap_interval(runs, cfg.registry)
+    for run in (r for side in runs.values() for r in side):
+        del run["heldout_f1_per_question"]  # in the interval; too long for results.json
     first = {s: runs[s][0] for s in SIDES}
     return {
         "settings": {
@@ -640,6 +698,7 @@ def compare(
             "data_source": source,
             "train_questions": len(train),
             "val_questions": len(val),
+            "dev_questions": len(dev),
             "overrides": overrides,
             "spanflow_overrides": spanflow_overrides,
             "spanflow_levers": levers,
@@ -671,8 +730,13 @@ def compare(
         "cpu_time_speedup_vs_trainer": ratio("examples_per_cpu_s"),
         "f1_gap_vs_trainer": f1_gap,
         "f1_agree": abs(f1_gap) <= F1_TOLERANCE,
-        "f1_gap_per_rep": [round(a["val_f1"] - b["val_f1"], 2) for a, b in zip(*runs.values(), strict=True)],
-        "f1_range_within_side": {s: round(summary[s]["val_f1"]["max"] - summary[s]["val_f1"]["min"], 2) for s in SIDES},
+        "f1_gap_interval": [interval.low, interval.high],
+        "f1_gap_interval_confidence": interval.confidence,
+        "val_f1_gap": sf["val_f1"]["median"] - tr["val_f1"]["median"],
+        "f1_gap_per_rep": [round(a["heldout_f1"] - b["heldout_f1"], 2) for a, b in zip(*runs.values(), strict=True)],
+        "f1_range_within_side": {
+            s: round(summary[s]["heldout_f1"]["max"] - summary[s]["heldout_f1"]["min"], 2) for s in SIDES
+        },
         "contended_runs": sum(r["foreign_cpu"] > CONTENDED for s in SIDES for r in runs[s]),
         "runs": runs,
     }
@@ -688,7 +752,7 @@ def print_table(res: dict[str, Any]) -> None:
         f" (a pass costing {s.get('pass_overhead_tokens', 0)} tokens; passes per step {s.get('passes_per_step')}),"
         f" loss over {s.get('loss', 'real_tokens')};"
         f" {s['steps']} steps x {s['reps']} reps,"
-        f" {s['train_questions']} train / {s['val_questions']} val questions"
+        f" {s['train_questions']} train / {s['val_questions']} val + {s.get('dev_questions', 0)} dev questions scored"
         + (f", spanflow levers {s['spanflow_levers']}" if s["spanflow_levers"] else "")
         + (f", spanflow overrides {s['spanflow_overrides']}" if s["spanflow_overrides"] else "")
     )
@@ -707,6 +771,8 @@ def print_table(res: dict[str, Any]) -> None:
         ("feature prep s", "prep_seconds", ".2f"),
         ("peak RSS MB (after model load)", "peak_rss_load_mb", ".0f"),
         ("peak RSS MB (after training)", "peak_rss_train_mb", ".0f"),
+        ("held-out F1 (val + dev)", "heldout_f1", ".2f"),
+        ("held-out EM (val + dev)", "heldout_exact_match", ".2f"),
         ("val F1", "val_f1", ".2f"),
         ("val EM", "val_exact_match", ".2f"),
         ("train loss", "train_loss", ".3f"),
@@ -725,7 +791,9 @@ def print_table(res: dict[str, Any]) -> None:
     print(
         f"train_speedup_vs_trainer {res['train_speedup_vs_trainer']:.2f}x (questions/s"
         f" {res['questions_speedup_vs_trainer']:.2f}x, real tokens/s {res['real_tokens_speedup_vs_trainer']:.2f}x);"
-        f" f1_gap_vs_trainer {res['f1_gap_vs_trainer']:+.2f} ({verdict} within {F1_TOLERANCE} point;"
+        f" f1_gap_vs_trainer {res['f1_gap_vs_trainer']:+.2f} on val + dev ({verdict} within {F1_TOLERANCE} point;"
+        f" {round(100 * res['f1_gap_interval_confidence'])}% interval {res['f1_gap_interval'][0]:+.2f}.."
+        f"{res['f1_gap_interval'][1]:+.2f}; val only {res['val_f1_gap']:+.2f};"
         f" rep-to-rep F1 range {res['f1_range_within_side']})"
     )
     if res["contended_runs"]:
@@ -739,6 +807,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--train-questions", type=int, default=None, help="seeded sample (default: all)")
     parser.add_argument("--val-questions", type=int, default=300, help="seeded sample of the validation split")
+    parser.add_argument("--dev-questions", type=int, default=None, help="dev questions also scored (default: all)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="params override, both sides")
     parser.add_argument("--spanflow-set", action="append", default=[], help="params override, spanflow side only")
     parser.add_argument(
@@ -770,6 +839,7 @@ def main(argv: list[str] | None = None) -> None:
         args.spanflow_lever,
         args.vary_seed,
         args.epochs,
+        args.dev_questions,
     )
     print_table(res)
     if args.json:
