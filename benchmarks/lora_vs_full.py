@@ -71,6 +71,7 @@ def compare(
             order = names[rep % len(names) :] + names[: rep % len(names)]  # rotate: drift hits all alike
             for name in order:
                 run = _spawn("spanflow", steps, data_dir, VARIANTS[name], "adamw_torch", [])
+                del run["heldout_f1_per_question"]  # no dev questions here: the validation F1 is the figure
                 run["step_seconds"] = run["train_seconds"] / run["steps"]
                 run["train_memory_mb"] = run["peak_rss_train_mb"] - run["rss_before_model_mb"]
                 runs[name].append(run)

@@ -659,7 +659,8 @@ def compare(
                 runs[side].append({**run, "seed": cfg.train.seed + rep if vary_seed else cfg.train.seed})
                 print(
                     f"rep {rep + 1} {side}: {run['examples_per_s']:.2f} ex/s,"
-                    f" {run['real_tokens_per_s']:.0f} real tok/s, F1 {run['val_f1']:.2f},"
+                    f" {run['real_tokens_per_s']:.0f} real tok/s, F1 {run['heldout_f1']:.2f}"
+                    f" (validation only {run['val_f1']:.2f}),"
                     f" peak RSS {run['peak_rss_train_mb']:.0f} MB, foreign CPU {run['foreign_cpu']:.2f}",
                     file=sys.stderr,
                 )
