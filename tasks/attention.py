@@ -3,12 +3,14 @@
 On the CPU the flash kernel's backward took a third of a training step at width 128, and PyTorch's math
 kernel was faster up to width ~160 (`tasks/passes.py`). Under bf16 autocast the math kernel computes in fp32
 and autograd keeps its fp32 copies of query, key and value and the fp32 probabilities: 21 MiB per layer for
-16 chunks of 128 tokens, 3.5x what the flash kernel keeps. This one computes the same fp32 forward and the
-same fp32 backward, but keeps query, key and value as they came (bf16) and the probabilities in fp16
-(values in [0, 1]: 11 bits of mantissa where bf16 has 8): 10.5 MiB per layer. In fp32 it keeps fp32.
-The backward takes the softmax's gradient in one pass (`torch._softmax_backward_data`, PyTorch's own kernel)
-instead of four over the tokens x tokens matrix, and scales the small query and key gradients instead of that
-matrix: training passes at chunk 128 ran 1.05x faster (benchmarks/README.md, seventh round).
+16 chunks of 128 tokens, 3.5x what the flash kernel keeps. This one computes the same fp32 forward, keeps
+query, key and value as they came (bf16) and the probabilities in the compute dtype (fp32 training keeps
+fp32): 10.5 MiB per layer. A boolean mask is added as a 0 / -inf bias, the same scores as `masked_fill`'s
+at a sixth of its time. Under bf16 the backward's four matmuls and the softmax's gradient run in bf16 from
+the kept tensors, as autocast runs every Linear's backward: no fp32 copies of query, key, value and the
+probabilities, half the backward's time (benchmarks/README.md, tenth round); fp32 and fp16 take it in fp32.
+The softmax's gradient is one pass (`torch._softmax_backward_data`, PyTorch's own kernel) and the scale goes
+onto the small query and key gradients instead of the tokens x tokens matrix (seventh round).
 
 `MathAttention` routes `torch.nn.functional.scaled_dot_product_attention` calls made inside it to this
 function (a `TorchFunctionMode`, so any backbone that calls SDPA gets it); calls it does not cover (dropout,
@@ -18,6 +20,8 @@ causal, grouped heads, a mask row with no key, a mask that needs a gradient) go 
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from typing import Any
 
 import torch
@@ -25,12 +29,30 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
-PROBS_DTYPE = torch.float16
-
 
 def _fp32(x: torch.Tensor) -> torch.Tensor:
     """x in fp32 and contiguous, in one copy (query, key and value arrive as strided head views)."""
     return x.to(torch.float32, memory_format=torch.contiguous_format)
+
+
+class _MaskBias(threading.local):
+    """The last boolean mask as an fp32 0 / -inf bias: every layer of a pass gets the same mask, made once.
+    The mask is held by weak reference, the bias until the next mask (one per thread)."""
+
+    def __init__(self) -> None:
+        self.source: weakref.ref | None = None
+        self.key: tuple = ()
+        self.bias: torch.Tensor | None = None
+
+    def __call__(self, mask: torch.Tensor) -> torch.Tensor:
+        key = (mask._version, mask.shape, mask.device)
+        if self.source is None or self.source() is not mask or self.key != key:
+            bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, -math.inf)
+            self.source, self.key, self.bias = weakref.ref(mask), key, bias
+        return self.bias
+
+
+_mask_bias = _MaskBias()
 
 
 class _SoftmaxAttentionFn(torch.autograd.Function):
@@ -44,12 +66,11 @@ class _SoftmaxAttentionFn(torch.autograd.Function):
     @staticmethod
     def _forward(ctx: Any, q, k, v, mask, scale: float):  # noqa: ANN001, ANN205
         scores = (_fp32(q) * scale) @ _fp32(k).transpose(-2, -1)
-        if mask is not None:
-            scores = scores.masked_fill_(~mask, -math.inf) if mask.dtype == torch.bool else scores.add_(mask)
+        if mask is not None:  # x + 0 is x and x - inf is -inf: masked_fill's scores, in a faster kernel
+            scores.add_(_mask_bias(mask) if mask.dtype == torch.bool else mask)
         probs = torch.softmax(scores, dim=-1)
         out = probs @ _fp32(v)
-        keep = torch.float32 if q.dtype == torch.float32 else PROBS_DTYPE  # fp32 training keeps fp32 throughout
-        ctx.save_for_backward(q, k, v, probs.to(keep))
+        ctx.save_for_backward(q, k, v, probs.to(q.dtype))  # in [0, 1]: bf16 or fp16 keep 8 or 11 bits
         ctx.scale = scale
         return out.to(q.dtype)
 
@@ -60,14 +81,18 @@ class _SoftmaxAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx: Any, grad_out):  # noqa: ANN001, ANN205
-        q, k, v, probs = ctx.saved_tensors
-        p, g = probs.float(), _fp32(grad_out)
+        q, k, v, p = ctx.saved_tensors
+        dtype = q.dtype
+        if dtype == torch.bfloat16:  # the kept tensors as they are: bf16 matmuls, fp32 accumulation
+            g = grad_out.to(q.dtype)
+        else:  # fp16 matmuls on the CPU are slow and overflow-prone: fp32 copies
+            q, k, v, p, g = _fp32(q), _fp32(k), _fp32(v), p.float(), _fp32(grad_out)
         grad_v = p.transpose(-2, -1) @ g
-        grad_p = g @ _fp32(v).transpose(-2, -1)
-        grad_s = torch._softmax_backward_data(grad_p, p, -1, torch.float32)
-        grad_q = (grad_s @ _fp32(k)).mul_(ctx.scale)
-        grad_k = (grad_s.transpose(-2, -1) @ _fp32(q)).mul_(ctx.scale)
-        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None
+        grad_p = g @ v.transpose(-2, -1)
+        grad_s = torch._softmax_backward_data(grad_p, p, -1, p.dtype)
+        grad_q = (grad_s @ k).mul_(ctx.scale)
+        grad_k = (grad_s.transpose(-2, -1) @ q).mul_(ctx.scale)
+        return grad_q.to(dtype), grad_k.to(dtype), grad_v.to(dtype), None, None
 
 
 def _covered(q, k, v, attn_mask, dropout_p: float, is_causal: bool, enable_gqa: bool) -> bool:  # noqa: ANN001
