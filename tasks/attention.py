@@ -45,6 +45,8 @@ class _MaskBias(threading.local):
         self.bias: torch.Tensor | None = None
 
     def __call__(self, mask: torch.Tensor) -> torch.Tensor:
+        if mask.is_inference():  # no version counter to tell an in-place change: made afresh
+            return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, -math.inf)
         key = (mask._version, mask.shape, mask.device)
         if self.source is None or self.source() is not mask or self.key != key:
             bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, -math.inf)

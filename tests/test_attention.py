@@ -87,6 +87,26 @@ def test_bf16_backward_is_within_a_bf16_rounding_of_exact_gradients() -> None:
     assert error(ours) < 2 * error(pytorch)
 
 
+def test_a_boolean_mask_is_made_once_per_mask_and_remade_when_it_changes() -> None:
+    q, k, v = (t.detach() for t in _inputs(torch.float32))
+    keep = _masks()[1]
+
+    def attend(mask: torch.Tensor) -> torch.Tensor:
+        with MathAttention():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    def reference(mask: torch.Tensor) -> torch.Tensor:
+        with sdpa_kernel([SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    torch.testing.assert_close(attend(keep), reference(keep))
+    keep[1, ..., :4] = False  # the same tensor changed in place: its bias must follow
+    torch.testing.assert_close(attend(keep), reference(keep))
+    with torch.inference_mode():  # a mask made there has no version counter
+        fresh = _masks()[1]
+        torch.testing.assert_close(attend(fresh), reference(fresh))
+
+
 def test_calls_it_does_not_cover_go_to_pytorchs_kernel() -> None:
     q, k, v = _inputs(torch.float32)
     with MathAttention():
