@@ -20,8 +20,6 @@ causal, grouped heads, a mask row with no key, a mask that needs a gradient) go 
 from __future__ import annotations
 
 import math
-import threading
-import weakref
 from typing import Any
 
 import torch
@@ -29,32 +27,20 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
+from tasks.last_tensor import LastDerived
+
 
 def _fp32(x: torch.Tensor) -> torch.Tensor:
     """x in fp32 and contiguous, in one copy (query, key and value arrive as strided head views)."""
     return x.to(torch.float32, memory_format=torch.contiguous_format)
 
 
-class _MaskBias(threading.local):
-    """The last boolean mask as an fp32 0 / -inf bias: every layer of a pass gets the same mask, made once.
-    The mask is held by weak reference, the bias until the next mask (one per thread)."""
-
-    def __init__(self) -> None:
-        self.source: weakref.ref | None = None
-        self.key: tuple = ()
-        self.bias: torch.Tensor | None = None
-
-    def __call__(self, mask: torch.Tensor) -> torch.Tensor:
-        if mask.is_inference():  # no version counter to tell an in-place change: made afresh
-            return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, -math.inf)
-        key = (mask._version, mask.shape, mask.device)
-        if self.source is None or self.source() is not mask or self.key != key:
-            bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, -math.inf)
-            self.source, self.key, self.bias = weakref.ref(mask), key, bias
-        return self.bias
+def _bias(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean mask as an fp32 0 / -inf bias."""
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, -math.inf)
 
 
-_mask_bias = _MaskBias()
+_mask_bias = LastDerived(_bias)  # every layer of a pass gets the same mask: its bias is made once
 
 
 class _SoftmaxAttentionFn(torch.autograd.Function):
@@ -86,7 +72,7 @@ class _SoftmaxAttentionFn(torch.autograd.Function):
         q, k, v, p = ctx.saved_tensors
         dtype = q.dtype
         if dtype == torch.bfloat16:  # the kept tensors as they are: bf16 matmuls, fp32 accumulation
-            g = grad_out.to(q.dtype)
+            g = grad_out.to(dtype)
         else:  # fp16 matmuls on the CPU are slow and overflow-prone: fp32 copies
             q, k, v, p, g = _fp32(q), _fp32(k), _fp32(v), p.float(), _fp32(grad_out)
         grad_v = p.transpose(-2, -1) @ g

@@ -13,12 +13,12 @@ Same function, same parameters and state dict: checkpoints, `merge_and_unload` a
 
 from __future__ import annotations
 
-import threading
-import weakref
 from typing import Any
 
 import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+from tasks.last_tensor import LastDerived
 
 
 class _LoraLinearFn(torch.autograd.Function):
@@ -61,29 +61,18 @@ def _gelu_input(x: torch.Tensor) -> tuple[torch.Tensor | None, str]:
     return node._saved_self, node._saved_approximate
 
 
-class _InputCast(threading.local):
-    """The last input cast to the compute dtype: query, key and value get the same hidden states, and one shared
-    copy (saved once for backward) replaces three. The source is held by weak reference, the copy until the next
-    cast (one tensor per thread)."""
-
-    def __init__(self) -> None:
-        self.source: weakref.ref | None = None
-        self.key: tuple = ()
-        self.value: torch.Tensor | None = None
-
-    def __call__(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        if x.dtype == dtype:
-            return x2  # a view: nothing to share
-        if x.is_inference():
-            return x2.to(dtype)  # no version counter to tell an in-place change; nothing saved for backward anyway
-        key = (x._version, dtype, torch.is_grad_enabled())
-        if self.source is None or self.source() is not x or self.key != key:
-            self.source, self.key, self.value = weakref.ref(x), key, x2.to(dtype)
-        return self.value
+def _cast_2d(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).to(dtype)
 
 
-_input_cast = _InputCast()
+# query, key and value get the same hidden states: one shared cast (saved once for backward) replaces three
+_shared_cast = LastDerived(_cast_2d)
+
+
+def _input_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as a 2-d tensor in `dtype`: a view when it is in `dtype` already, else the cast shared with the other layers
+    that read the same x."""
+    return x.reshape(-1, x.shape[-1]) if x.dtype == dtype else _shared_cast(x, dtype)
 
 
 class FusedLoraLinear(PeftLoraLinear):
