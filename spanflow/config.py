@@ -81,7 +81,7 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
     group_by_length: bool = False  # batches of similar-length features (less padding, but slower early learning)
     micro_batches: int = 4  # at most this many passes per batch, its chunks sorted by length: less padding
-    pass_overhead_tokens: int = 128  # a pass's fixed cost in padded tokens: more passes only where they pay
+    pass_overhead_tokens: int = 320  # a pass's fixed cost in padded tokens: more passes only where they pay
     max_pass_tokens: int | None = None  # cap on a pass's padded tokens (rows x width): bounds activation memory
     math_attention_max_width: int = 160  # CPU passes up to this width use math attention, tasks/attention.py (0: never)
     pad_to_multiple_of: int = 16  # batch width rounded up: fewer distinct shapes for oneDNN and the allocator

@@ -3,8 +3,8 @@
 A pass costs about `overhead + rows x width` (width: the pass's longest chunk, rounded up to the padding
 multiple). Splitting a length-sorted batch cuts padding but adds a pass's fixed cost, so the split points
 are chosen to minimise that sum. On the 2-core development CPU (bf16, the default backbone) one pass cost
-as much as ~130 padded tokens (`benchmarks/README.md`): batches of near-equal chunks then run in one pass,
-batches of mixed lengths in several.
+as much as ~316 padded tokens (43 ms, about half of it the per-call cost of ~290 small bf16 matmuls;
+`benchmarks/README.md`): batches of near-equal chunks then run in one pass, batches of mixed lengths in several.
 """
 
 from __future__ import annotations
