@@ -83,7 +83,7 @@ class TrainConfig:
     micro_batches: int = 4  # at most this many passes per batch, its chunks sorted by length: less padding
     pass_overhead_tokens: int = 320  # a pass's fixed cost in padded tokens: more passes only where they pay
     max_pass_tokens: int | None = None  # cap on a pass's padded tokens (rows x width): bounds activation memory
-    math_attention_max_width: int = 160  # CPU passes up to this width use math attention, tasks/attention.py (0: never)
+    math_attention_max_width: int = 256  # CPU passes up to this width use math attention, tasks/attention.py (0: never)
     pad_to_multiple_of: int = 16  # batch width rounded up: fewer distinct shapes for oneDNN and the allocator
     loss: str = "padded"  # softmax over each pass's padded row (Hugging Face's) or real_tokens (padding-invariant)
     seed: int = 42
