@@ -1,16 +1,16 @@
 """Softmax attention for narrow CPU training passes: PyTorch's math attention, keeping less for backward.
 
-On the CPU the flash kernel's backward took a third of a training step at width 128, and PyTorch's math
-kernel was faster up to width ~160 (`tasks/passes.py`). Under bf16 autocast the math kernel computes in fp32
-and autograd keeps its fp32 copies of query, key and value and the fp32 probabilities: 21 MiB per layer for
-16 chunks of 128 tokens, 3.5x what the flash kernel keeps. This one computes the same fp32 forward, keeps
-query, key and value as they came (bf16) and the probabilities in the compute dtype (fp32 training keeps
-fp32): 10.5 MiB per layer. A boolean mask is added as a 0 / -inf bias, the same scores as `masked_fill`'s
-at a sixth of its time. Under bf16 the backward's four matmuls and the softmax's gradient run in bf16 from
-the kept tensors, as autocast runs every Linear's backward: no fp32 copies of query, key, value and the
-probabilities, half the backward's time (benchmarks/README.md, tenth round); fp32 and fp16 take it in fp32.
-The softmax's gradient is one pass (`torch._softmax_backward_data`, PyTorch's own kernel) and the scale goes
-onto the small query and key gradients instead of the tokens x tokens matrix (seventh round).
+On the CPU the flash kernel's backward took a third of a training step at width 128; PyTorch's math kernel was
+faster up to width ~160, this one up to 256 (`tasks/passes.py`). Under bf16 autocast the math kernel computes
+in fp32 and autograd keeps its fp32 copies of query, key and value and the fp32 probabilities: 21 MiB per
+layer for 16 chunks of 128 tokens, 3.5x what the flash kernel keeps. This one computes the same fp32 forward,
+keeps query, key and value as they came (bf16) and the probabilities in the compute dtype (fp32 training keeps
+fp32): 10.5 MiB per layer. A boolean mask is added as a 0 / -inf bias, the same scores as `masked_fill`'s at a
+sixth of its time. Under bf16 the backward's four matmuls and the softmax's gradient run in bf16 from the kept
+tensors, as autocast runs every Linear's backward: no fp32 copies of query, key, value and the probabilities,
+half the backward's time (benchmarks/README.md, tenth round); fp32 and fp16 take it in fp32. The softmax's
+gradient is one pass (`torch._softmax_backward_data`, PyTorch's own kernel) and the scale goes onto the small
+query and key gradients instead of the tokens x tokens matrix (seventh round).
 
 `MathAttention` routes `torch.nn.functional.scaled_dot_product_attention` calls made inside it to this
 function (a `TorchFunctionMode`, so any backbone that calls SDPA gets it); calls it does not cover (dropout,

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from tasks.attention import MathAttention
+from tasks.attention import MathAttention, _mask_bias
 
 B, H, L, D = 2, 3, 12, 8
 
@@ -100,7 +100,10 @@ def test_a_boolean_mask_is_made_once_per_mask_and_remade_when_it_changes() -> No
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     torch.testing.assert_close(attend(keep), reference(keep))
+    bias = _mask_bias(keep)
+    assert _mask_bias(keep) is bias  # the next layer of the pass reuses it
     keep[1, ..., :4] = False  # the same tensor changed in place: its bias must follow
+    assert _mask_bias(keep) is not bias
     torch.testing.assert_close(attend(keep), reference(keep))
     with torch.inference_mode():  # a mask made there has no version counter
         fresh = _masks()[1]
