@@ -226,6 +226,9 @@ def headline(sections: dict[str, Any]) -> dict[str, float | None]:
         "inference_speedup_vs_pipeline": infer and infer["inference_speedup_vs_pipeline"],
         "f1_gap_vs_pipeline": infer and infer["f1_gap_vs_pipeline"],
         "em_gap_vs_pipeline": infer and infer["em_gap_vs_pipeline"],
+        # not targets: the same logits decoded by the pipeline's own span rule (tasks/spans.py)
+        "f1_gap_vs_pipeline_chunk_softmax": infer and infer.get("f1_gap_vs_pipeline_chunk_softmax"),
+        "em_gap_vs_pipeline_chunk_softmax": infer and infer.get("em_gap_vs_pipeline_chunk_softmax"),
         "lora_step_time_ratio": lora and lora["lora_step_time_ratio"],
         "lora_peak_memory_ratio": lora and lora["lora_peak_memory_ratio"],
     }

@@ -10,7 +10,9 @@ this venv, the pipeline in benchmarks/.venv-tf52 (transformers 5.2.0, the last r
 pipeline; made on first use by `ensure_tf52_venv`). Sides alternate rep by rep; model loading and a
 small warm-up are not timed. Reports questions/s per side (median, min-max over reps), their ratio,
 the official SQuAD EM/F1 of both sides and their gaps, how often the answers differ, and each
-side's peak RSS. A benchmark, not a test.
+side's peak RSS. spanflow answers with `eval.span_scoring`; its first rep also decodes the same
+logits with every rule of tasks/spans.py, so the gaps are given per rule too (`chunk_softmax` is
+the pipeline's own rule: what is left is the inference, not the decoding). A benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ def spanflow_side(args: argparse.Namespace) -> dict[str, Any]:
     from tasks.data import read_jsonl
     from tasks.features import featurize
     from tasks.inference import answer_questions, default_device, load_qa_model, resolve_precision, run_model
-    from tasks.spans import answer_texts, best_spans
+    from tasks.spans import SPAN_SCORINGS, answer_texts, best_spans
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -128,6 +130,7 @@ def spanflow_side(args: argparse.Namespace) -> dict[str, Any]:
             args.batch_size,
             precision,
             args.workers,
+            args.span_scoring,
         )
         return answer_texts(answers, args.squad_version, args.no_answer_threshold)
 
@@ -147,7 +150,7 @@ def spanflow_side(args: argparse.Namespace) -> dict[str, Any]:
         "precision": precision,
         "device": str(device),
     }
-    if args.stages:  # the three steps of answer_questions, one by one
+    if args.stages or args.by_scoring:  # the three steps of answer_questions, one by one
         t = [time.perf_counter()]
         feats = featurize(records, tokenizer, *feat_args)
         t.append(time.perf_counter())
@@ -155,14 +158,21 @@ def spanflow_side(args: argparse.Namespace) -> dict[str, Any]:
             model, feats, args.batch_size, precision, tokenizer.pad_token_id, workers=args.workers
         )
         t.append(time.perf_counter())
-        best_spans(records, feats, starts, ends, args.max_answer_length, args.n_best)
+        best_spans(records, feats, starts, ends, args.max_answer_length, args.n_best, args.span_scoring)
         t.append(time.perf_counter())
-        result["chunks"] = len(feats)
-        result["stage_seconds"] = {
-            "featurize": t[1] - t[0],
-            "model_forward": t[2] - t[1],
-            "span_decoding": t[3] - t[2],
-        }
+        if args.stages:
+            result["chunks"] = len(feats)
+            result["stage_seconds"] = {
+                "featurize": t[1] - t[0],
+                "model_forward": t[2] - t[1],
+                "span_decoding": t[3] - t[2],
+            }
+        if args.by_scoring:  # the same logits, decoded by every rule
+            result["predictions_by_scoring"] = {}
+            for rule in SPAN_SCORINGS:
+                answers = best_spans(records, feats, starts, ends, args.max_answer_length, args.n_best, rule)
+                texts = answer_texts(answers, args.squad_version, args.no_answer_threshold)
+                result["predictions_by_scoring"][rule] = {r["id"]: x for r, x in zip(records, texts, strict=True)}
     result["peak_rss_mb"] = peak_rss_mb()
     args.out.write_text(json.dumps(result, ensure_ascii=False))
     return result
@@ -275,6 +285,34 @@ def _disagreements(
     }
 
 
+def _gaps_by_scoring(
+    records: list[dict],
+    by_rule: dict[str, dict[str, str]],
+    pipe: dict,
+    pipe_preds: dict[str, str],
+    version: str,
+    cfg: Any,
+) -> dict[str, Any]:
+    """EM / F1 gaps to the pipeline, their intervals and how many answers differ, per span-scoring rule of
+    spanflow (the same logits, decoded by each rule)."""
+    from tasks.squad_metrics import score
+
+    out = {}
+    for rule, preds in by_rule.items():
+        sc = score(records, preds, version)
+        d = _disagreements(records, preds, pipe_preds, version, cfg.registry)
+        out[rule] = {
+            "exact_match": sc["exact_match"],
+            "f1": sc["f1"],
+            "em_gap_vs_pipeline": sc["exact_match"] - pipe["exact_match"],
+            "f1_gap_vs_pipeline": sc["f1"] - pipe["f1"],
+            "em_gap_interval": d["em_gap_interval"],
+            "f1_gap_interval": d["f1_gap_interval"],
+            "answers_differ": d["answers_differ"],
+        }
+    return out
+
+
 def compare(
     questions: int | None = None,
     reps: int = 3,
@@ -323,6 +361,7 @@ def compare(
         "max_query_length": f.max_query_length,
         "max_answer_length": e.max_answer_length,
         "n_best": e.n_best,
+        "span_scoring": e.span_scoring,
         "spanflow_batch_size": e.batch_size,
         "spanflow_workers": e.workers,
         "pipeline_batch_size": pipeline_batch_size,
@@ -347,7 +386,7 @@ def compare(
             *("--batch-size", str(pipeline_batch_size), "--out", str(work / "pipeline.json")),
         ]
 
-        def spanflow_cmd(precision: str, with_stages: bool) -> list[str]:
+        def spanflow_cmd(precision: str, first: bool) -> list[str]:
             out = work / f"spanflow-{precision}.json"
             return [
                 sys.executable,
@@ -359,16 +398,17 @@ def compare(
                 *("--precision", precision, "--chunk-length", str(f.chunk_length), "--overlap", str(f.overlap)),
                 *("--max-query-length", str(f.max_query_length), "--max-answer-length", str(e.max_answer_length)),
                 *("--n-best", str(e.n_best), "--batch-size", str(e.batch_size), "--squad-version", version),
-                *("--workers", str(e.workers)),
+                *("--workers", str(e.workers), "--span-scoring", e.span_scoring),
                 *("--no-answer-threshold", str(e.no_answer_threshold), "--out", str(out)),
-                *(["--stages"] if with_stages else []),
+                *(["--stages"] if stages and first else []),
+                *(["--by-scoring"] if first else []),
             ]
 
         runs: dict[str, list[dict[str, Any]]] = {p: [] for p in resolved} | {"pipeline": []}
         load_before = os.getloadavg()[0]
         for rep in range(reps):
             for p in resolved:
-                cmd = spanflow_cmd(p, stages and rep == 0)
+                cmd = spanflow_cmd(p, rep == 0)
                 r = _run_child(cmd, work / f"spanflow-{p}.json", env, work / "log", (max_load, max_wait))
                 runs[p].append(r)
                 print(f"rep {rep + 1}/{reps} spanflow {p}: {r['questions_per_second']:.2f} q/s", file=sys.stderr)
@@ -425,9 +465,13 @@ def compare(
             "rss_ratio_vs_pipeline": side["peak_rss_mb"] / pipe["peak_rss_mb"],
         }
         differ = _disagreements(records, runs[p][0]["predictions"], pipe_preds, version, cfg.registry)
-        side["vs_pipeline"] = gaps | {"disagreement": differ}
+        by_scoring = _gaps_by_scoring(records, runs[p][0]["predictions_by_scoring"], pipe, pipe_preds, version, cfg)
+        side["vs_pipeline"] = gaps | {"disagreement": differ, "by_span_scoring": by_scoring}
         result["spanflow"][p] = side
-        for k, v in gaps.items():
+        flat = gaps | {
+            f"{k}_{rule}": g[k] for rule, g in by_scoring.items() for k in ("em_gap_vs_pipeline", "f1_gap_vs_pipeline")
+        }
+        for k, v in flat.items():
             value = v["median"] if isinstance(v, dict) else v
             result[f"{k}_{p}"] = value
             if i == 0:
@@ -476,6 +520,13 @@ def print_table(result: dict[str, Any]) -> None:
             f"answers differ on {d['answers_differ']} "
             f"({d['answers_differ_pct']:.1f}%) {d['kinds']}"
         )
+        for rule, g in v.get("by_span_scoring", {}).items():  # results.json of earlier rounds lack it
+            (f1_lo, f1_hi), (em_lo, em_hi) = g["f1_gap_interval"], g["em_gap_interval"]
+            print(
+                f"  same logits, span scoring {rule}: EM {g['exact_match']:.2f} ({g['em_gap_vs_pipeline']:+.2f}, "
+                f"{em_lo:+.2f}..{em_hi:+.2f}), F1 {g['f1']:.2f} ({g['f1_gap_vs_pipeline']:+.2f}, "
+                f"{f1_lo:+.2f}..{f1_hi:+.2f}), answers differ on {g['answers_differ']}"
+            )
         if "stage_seconds" in s:
             total = sum(s["stage_seconds"].values())
             parts = ", ".join(f"{k} {t:.2f}s ({100 * t / total:.0f}%)" for k, t in s["stage_seconds"].items())
@@ -516,6 +567,8 @@ def main(argv: list[str] | None = None) -> None:
     child.add_argument("--workers", type=int, default=1)
     child.add_argument("--squad-version", default="1.1")
     child.add_argument("--no-answer-threshold", type=float, default=0.0)
+    child.add_argument("--span-scoring", default="logit_sum")
+    child.add_argument("--by-scoring", action="store_true", help="also decode with every span-scoring rule")
     args = parser.parse_args(argv)
 
     if args.side == "spanflow":

@@ -118,7 +118,7 @@ def measure(
     def infer(recs: list[dict], chunk_length: int, overlap: int) -> None:
         answer_questions(
             infer_model, tokenizer, recs, chunk_length, overlap, f.max_query_length,
-            e.max_answer_length, e.n_best, e.batch_size, precision, e.workers,
+            e.max_answer_length, e.n_best, e.batch_size, precision, e.workers, e.span_scoring,
         )  # fmt: skip
 
     def train(feats: Any, chunk_length: int, overlap: int) -> None:

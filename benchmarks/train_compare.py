@@ -306,6 +306,7 @@ def evaluate(model: Any, tokenizer: Any, records: list[dict], cfg, precision: st
         e.batch_size,
         precision,
         e.workers,
+        e.span_scoring,
     )
     version = "2.0" if any(r.get("is_impossible") for r in records) else "1.1"
     texts = answer_texts(answers, version, e.no_answer_threshold)

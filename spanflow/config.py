@@ -12,6 +12,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
+from tasks.spans import SPAN_SCORINGS
+
 DEFAULT_PARAMS = Path("params.yaml")
 
 
@@ -98,6 +100,7 @@ class EvalConfig:
     batch_size: int = 16
     workers: int = 2  # CPU: batches answered side by side by this many threads, torch's threads shared out
     no_answer_threshold: float = 0.0  # v2.0: predict "" when null score - best span score > this
+    span_scoring: str = "logit_sum"  # logit_sum (run_qa.py) | chunk_softmax (the transformers <= 5.2 QA pipeline)
 
 
 @dataclass
@@ -328,6 +331,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"train.max_pass_tokens: {cfg.train.max_pass_tokens} must be >= 1 or null")
     if cfg.eval.workers < 1:
         raise ConfigError(f"eval.workers: {cfg.eval.workers} must be >= 1")
+    if cfg.eval.span_scoring not in SPAN_SCORINGS:
+        raise ConfigError(f"eval.span_scoring: {cfg.eval.span_scoring!r} is not {'|'.join(SPAN_SCORINGS)}")
     for key in ("pass_overhead_tokens", "math_attention_max_width"):
         if getattr(cfg.train, key) < 0:
             raise ConfigError(f"train.{key}: {getattr(cfg.train, key)} must be >= 0")

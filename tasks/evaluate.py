@@ -49,6 +49,7 @@ def predict_records(
         cfg.eval.batch_size,
         precision,
         cfg.eval.workers,
+        cfg.eval.span_scoring,
     )
     seconds = time.perf_counter() - t0
     texts = answer_texts(answers, version, cfg.eval.no_answer_threshold)

@@ -153,8 +153,9 @@ def answer_questions(
     batch_size: int,
     precision: str,
     workers: int = 1,
+    span_scoring: str = "logit_sum",
 ) -> list[Answer]:
     """Question + context of any length -> best answer span, with its own context splitting."""
     feats = featurize(records, tokenizer, chunk_length, overlap, max_query_length)
     starts, ends, _ = run_model(model, feats, batch_size, precision, tokenizer.pad_token_id, workers=workers)
-    return best_spans(records, feats, starts, ends, max_answer_length, n_best)
+    return best_spans(records, feats, starts, ends, max_answer_length, n_best, span_scoring)

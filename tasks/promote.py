@@ -58,6 +58,7 @@ def rescore(cfg: Config, mv: ModelVersion, records: list[dict], squad_version: s
                 "features.max_query_length": settings["max_query_length"],
                 "eval.max_answer_length": settings["max_answer_length"],
                 "eval.n_best": settings["n_best"],
+                "eval.span_scoring": settings.get("span_scoring", "logit_sum"),  # older versions: logit_sum
             }
         )
         predictions, _, _ = predict_records(own, local / artifacts["model_dir"]["path"], records, squad_version)

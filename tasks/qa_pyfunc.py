@@ -75,6 +75,7 @@ class SpanQAModel(PythonModel):
             s["batch_size"],
             s["precision"],
             s.get("workers", 1),  # models registered before eval.workers existed
+            s.get("span_scoring", "logit_sum"),  # ... and before eval.span_scoring
         )
         return pd.DataFrame(
             {

@@ -34,6 +34,7 @@ def serving_settings(cfg: Config) -> dict:
         "max_query_length": cfg.features.max_query_length,
         "max_answer_length": cfg.eval.max_answer_length,
         "n_best": cfg.eval.n_best,
+        "span_scoring": cfg.eval.span_scoring,
         "batch_size": cfg.eval.batch_size,
         "workers": cfg.eval.workers,
         "max_batch": cfg.serving.max_batch,

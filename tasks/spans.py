@@ -1,12 +1,23 @@
-"""Span decoding: per question, the best valid answer span over all of its chunks."""
+"""Span decoding: per question, the best valid answer span over all of its chunks.
+
+Two rules score a span (`eval.span_scoring`); both compare a question's spans across all of its chunks:
+- `logit_sum`: start logit + end logit, as Hugging Face's `run_qa.py` post-processing;
+- `chunk_softmax`: log of p(start) * p(end), each a softmax over the chunk's context tokens and [CLS], as the
+  `question-answering` pipeline of transformers <= 5.2 (removed in 5.3): its answers, for users moving off it.
+Neither is the more accurate on this project's models (benchmarks/README.md, twelfth round).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tasks.features import Features, Record
+if TYPE_CHECKING:  # the config imports SPAN_SCORINGS: no torch for that
+    from tasks.features import Features, Record
+
+SPAN_SCORINGS = ("logit_sum", "chunk_softmax")
 
 
 @dataclass
@@ -14,8 +25,15 @@ class Answer:
     text: str
     start: int  # character offsets in the context; -1 when no answer
     end: int
-    score: float  # start logit + end logit of the span
-    null_score: float  # lowest [CLS] score over the question's chunks (v2.0 no-answer)
+    score: float  # the span's score under the scoring rule (logit_sum: start logit + end logit)
+    null_score: float  # lowest [CLS] score, same rule, over the question's chunks (v2.0 no-answer)
+
+
+def _log_softmax(logits: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """log softmax over the positions in `keep`; the others are left as they are (the caller masks them)."""
+    kept = logits[keep].astype(np.float64)
+    top = kept.max()
+    return logits - (top + np.log(np.exp(kept - top).sum()))
 
 
 def best_spans(
@@ -25,8 +43,12 @@ def best_spans(
     end_logits: list[np.ndarray],
     max_answer_length: int = 30,
     n_best: int = 20,
+    scoring: str = "logit_sum",
 ) -> list[Answer]:
-    """A span is valid when start <= end, it has at most `max_answer_length` tokens and lies in the context."""
+    """A span is valid when start <= end, it has at most `max_answer_length` tokens and lies in the context.
+    `scoring` is one of SPAN_SCORINGS (module docstring)."""
+    if scoring not in SPAN_SCORINGS:
+        raise ValueError(f"span scoring {scoring!r} is not {'|'.join(SPAN_SCORINGS)}")
     by_example: dict[int, list[int]] = {}
     for f, ex in enumerate(feats.example_index):
         by_example.setdefault(ex, []).append(f)
@@ -35,8 +57,12 @@ def best_spans(
         best = Answer("", -1, -1, float("-inf"), float("inf"))
         for f in by_example.get(ex, []):
             s_log, e_log, offsets = start_logits[f], end_logits[f], feats.offsets[f]
-            best.null_score = min(best.null_score, float(s_log[0] + e_log[0]))
             is_ctx = np.array([o is not None for o in offsets])
+            if scoring == "chunk_softmax":
+                with_cls = is_ctx.copy()
+                with_cls[0] = True
+                s_log, e_log = _log_softmax(s_log, with_cls), _log_softmax(e_log, with_cls)
+            best.null_score = min(best.null_score, float(s_log[0] + e_log[0]))
             k = min(n_best, int(is_ctx.sum()))
             if k == 0:
                 continue

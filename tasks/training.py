@@ -122,7 +122,8 @@ def run_fingerprint(cfg: Config) -> str:
 
 
 def score_answers(records: list[Record], feats: Features, starts, ends, cfg: Config) -> dict[str, float]:
-    answers = best_spans(records, feats, starts, ends, cfg.eval.max_answer_length, cfg.eval.n_best)
+    e = cfg.eval
+    answers = best_spans(records, feats, starts, ends, e.max_answer_length, e.n_best, e.span_scoring)
     version = "2.0" if any(r["is_impossible"] for r in records) else "1.1"
     texts = answer_texts(answers, version, cfg.eval.no_answer_threshold)
     return score(records, {r["id"]: t for r, t in zip(records, texts, strict=True)}, version)

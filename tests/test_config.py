@@ -174,6 +174,7 @@ def test_largest_valid_overlap_is_accepted() -> None:
         ("train.epochs=0", "train.epochs"),
         ("train.batch_size=0", "train.batch_size"),
         ("train.grad_accum_steps=0", "train.grad_accum_steps"),
+        ("eval.span_scoring=softmax", "eval.span_scoring"),
     ],
 )
 def test_invalid_values_are_rejected_by_key(override: str, key: str) -> None:

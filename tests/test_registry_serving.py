@@ -253,3 +253,50 @@ def test_predict_answers_from_a_context_file_and_names_a_missing_one(project: Pa
 
     missing = _cli(project, "predict", "--question", "Q?", "--context-file", str(tmp_path / "nope.txt"))
     assert missing.returncode == 1 and "nope.txt" in missing.stderr
+
+
+def test_registered_span_scoring_decides_the_served_answers(project: Path, tmp_path: Path):
+    """The version carries eval.span_scoring in its settings and the pyfunc answers with it; a version
+    registered before the setting existed answers with logit_sum."""
+    import mlflow
+    import pandas as pd
+    from mlflow.models import Model
+    from mlflow.pyfunc import PythonModelContext
+
+    from tasks.qa_pyfunc import SpanQAModel
+
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL_NAME}@champion", dst_path=str(tmp_path)))
+    artifacts = Model.load(local).flavors["python_function"]["artifacts"]
+    settings = json.loads((local / artifacts["settings"]["path"]).read_text())
+    assert settings["span_scoring"] == "logit_sum"  # params.yaml's value
+
+    filler = " ".join(f"Entry {i} records a cargo of salt bound for the southern port." for i in range(40))
+    rows = pd.DataFrame(
+        {
+            "question": ["Who built the lighthouse at Calder?", "When did the Vester bridge open?"],
+            "context": [
+                filler + " The lighthouse at Calder was built by Brenna Holm in 1843. " + filler,
+                "The Vester bridge opened in 1911. " + filler,
+            ],
+        }
+    )
+
+    def served(**change: str | None) -> pd.DataFrame:
+        own = {k: v for k, v in {**settings, **change}.items() if v is not None}
+        path = tmp_path / f"settings-{len(change)}-{change.get('span_scoring')}.json"
+        path.write_text(json.dumps(own))
+        model = SpanQAModel()
+        model.load_context(
+            PythonModelContext({"settings": str(path), "model_dir": str(local / artifacts["model_dir"]["path"])}, None)
+        )
+        return model.predict(None, rows)
+
+    by_sum, by_softmax, before = served(), served(span_scoring="chunk_softmax"), served(span_scoring=None)
+    assert (by_softmax["score"] <= 0).all()  # log p(start) + log p(end)
+    assert not (by_sum["score"].to_numpy() == by_softmax["score"].to_numpy()).all()
+    pd.testing.assert_frame_equal(before, by_sum)
+    for frame in (by_sum, by_softmax):
+        for context, (start, end, text) in zip(
+            rows["context"], frame[["start", "end", "answer"]].itertuples(index=False), strict=True
+        ):
+            assert context[start:end] == text

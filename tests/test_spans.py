@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -311,3 +312,90 @@ def test_v1_answers_keep_the_best_span_however_strong_the_null_score() -> None:
     assert answer_texts(answers, "1.1", 0.0) == ["Paris", ""]
     assert answer_texts(answers, "2.0", 0.0) == ["", ""]
     assert answer_texts(answers, "2.0", 10.0) == ["Paris", ""]
+
+
+# --------------------------------------------------------------------------- span scoring rules
+
+
+def pipeline_reference(records, feats, starts, ends, max_answer_length):
+    """The transformers <= 5.2 question-answering pipeline's rule, in probability space as it computes it: per
+    chunk a softmax over context tokens and [CLS] (the rest at -10000), [CLS] then zeroed, the span with the
+    largest p(start) * p(end); the best over chunks. Returns (log of that product, text) per record."""
+    out = []
+    for ex, rec in enumerate(records):
+        best = (0.0, "")
+        for f, fex in enumerate(feats.example_index):
+            if fex != ex:
+                continue
+            offs = feats.offsets[f]
+            keep = np.array([k == 0 or o is not None for k, o in enumerate(offs)])
+            probs = []
+            for logits in (starts[f], ends[f]):
+                x = np.where(keep, logits.astype(np.float64), -10000.0)
+                p = np.exp(x - x.max())
+                p /= p.sum()
+                p[0] = 0.0
+                probs.append(p)
+            outer = np.tril(np.triu(np.outer(*probs)), max_answer_length - 1)
+            s, e = np.unravel_index(np.argmax(outer), outer.shape)
+            if outer[s, e] > best[0]:
+                best = (float(outer[s, e]), rec["context"][offs[s][0] : offs[e][1]])
+        out.append((math.log(best[0]), best[1]))
+    return out
+
+
+def test_chunk_softmax_prefers_the_chunk_sure_of_its_span(chunked):
+    """logit_sum compares raw logits across chunks; chunk_softmax weighs each chunk's span against its [CLS]
+    (a chunk's "no answer here"): a higher span logit in a chunk whose [CLS] is higher still loses."""
+    words, context, recs, feats = chunked
+    chunks_a = [f for f, ex in enumerate(feats.example_index) if ex == 0]
+    first, last = chunks_a[0], chunks_a[-1]
+    s_log, e_log = flat_logits(feats)
+    a0, b0 = chunk_word_tok(words, context, feats, first, 3), chunk_word_tok(words, context, feats, first, 4)
+    a1 = chunk_word_tok(words, context, feats, last, 57)
+    s_log[first][a0], e_log[first][b0] = 3.0, 3.0
+    s_log[first][0], e_log[first][0] = 6.0, 6.0  # this chunk's [CLS]: no answer here, it says
+    s_log[last][a1], e_log[last][a1] = 2.0, 2.0
+    by_sum = best_spans(recs, feats, s_log, e_log)[0]
+    by_softmax = best_spans(recs, feats, s_log, e_log, scoring="chunk_softmax")[0]
+    assert by_sum.text == " ".join(words[3:5]) and by_sum.score == pytest.approx(6.0)
+    assert by_softmax.text == words[57]
+    (want_score, want_text), _ = pipeline_reference(recs, feats, s_log, e_log, 30)
+    assert by_softmax.text == want_text and by_softmax.score == pytest.approx(want_score, abs=1e-6)
+    assert by_softmax.score < 0  # a log probability
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_chunk_softmax_matches_the_pipelines_rule_on_random_logits(chunked, seed):
+    words, context, recs, feats = chunked
+    rng = np.random.default_rng(seed)
+    s_log = [(3 * rng.normal(size=len(ids))).astype(np.float32) for ids in feats.input_ids]
+    e_log = [(3 * rng.normal(size=len(ids))).astype(np.float32) for ids in feats.input_ids]
+    max_len = int(rng.integers(1, 6))
+    got = best_spans(recs, feats, s_log, e_log, max_answer_length=max_len, n_best=10_000, scoring="chunk_softmax")
+    want = pipeline_reference(recs, feats, s_log, e_log, max_len)
+    for g, (score, text) in zip(got, want, strict=True):
+        assert g.text == text and context[g.start : g.end] == text
+        assert g.score == pytest.approx(score, abs=1e-6)
+    plain = best_spans(recs, feats, s_log, e_log, max_answer_length=max_len, n_best=10_000)
+    assert [a.score for a in plain] != pytest.approx([a.score for a in got])  # a different rule
+
+
+def test_chunk_softmax_null_score_is_min_cls_log_probability(tiny):
+    rec, feats = tiny
+    s_log, e_log = flat_logits(feats)
+    s_log[0][0], e_log[0][0] = 1.0, 2.0
+    (ans,) = best_spans([rec], feats, s_log, e_log, scoring="chunk_softmax")
+    n_ctx = sum(o is not None for o in feats.offsets[0])
+
+    def log_p_cls(cls: float) -> float:
+        return cls - math.log(math.exp(cls) + n_ctx * math.exp(LOW))
+
+    assert ans.null_score == pytest.approx(log_p_cls(1.0) + log_p_cls(2.0))
+
+
+def test_unknown_span_scoring_is_named(tiny):
+    rec, feats = tiny
+    s_log, e_log = flat_logits(feats)
+    with pytest.raises(ValueError, match=re.escape("'softmax' is not logit_sum|chunk_softmax")):
+        best_spans([rec], feats, s_log, e_log, scoring="softmax")
