@@ -567,7 +567,7 @@ def main(argv: list[str] | None = None) -> None:
     child.add_argument("--workers", type=int, default=1)
     child.add_argument("--squad-version", default="1.1")
     child.add_argument("--no-answer-threshold", type=float, default=0.0)
-    child.add_argument("--span-scoring", default="logit_sum")
+    child.add_argument("--span-scoring", default="chunk_softmax")
     child.add_argument("--by-scoring", action="store_true", help="also decode with every span-scoring rule")
     args = parser.parse_args(argv)
 

@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
-from tasks.spans import SPAN_SCORINGS
+from tasks.spans import DEFAULT_SPAN_SCORING, SPAN_SCORINGS
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -100,7 +100,9 @@ class EvalConfig:
     batch_size: int = 16
     workers: int = 2  # CPU: batches answered side by side by this many threads, torch's threads shared out
     no_answer_threshold: float = 0.0  # v2.0: predict "" when null score - best span score > this
-    span_scoring: str = "logit_sum"  # logit_sum (run_qa.py) | chunk_softmax (the transformers <= 5.2 QA pipeline)
+    span_scoring: str = (
+        DEFAULT_SPAN_SCORING  # chunk_softmax (the transformers <= 5.2 QA pipeline) | logit_sum (run_qa.py)
+    )
 
 
 @dataclass

@@ -13,7 +13,7 @@ from transformers import AutoModelForQuestionAnswering, PreTrainedModel
 
 from tasks.features import Features, Record, featurize
 from tasks.qa_loss import span_loss
-from tasks.spans import Answer, best_spans
+from tasks.spans import DEFAULT_SPAN_SCORING, Answer, best_spans
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -153,7 +153,7 @@ def answer_questions(
     batch_size: int,
     precision: str,
     workers: int = 1,
-    span_scoring: str = "logit_sum",
+    span_scoring: str = DEFAULT_SPAN_SCORING,
 ) -> list[Answer]:
     """Question + context of any length -> best answer span, with its own context splitting."""
     feats = featurize(records, tokenizer, chunk_length, overlap, max_query_length)

@@ -268,7 +268,7 @@ def test_registered_span_scoring_decides_the_served_answers(project: Path, tmp_p
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL_NAME}@champion", dst_path=str(tmp_path)))
     artifacts = Model.load(local).flavors["python_function"]["artifacts"]
     settings = json.loads((local / artifacts["settings"]["path"]).read_text())
-    assert settings["span_scoring"] == "logit_sum"  # params.yaml's value
+    assert settings["span_scoring"] == yaml.safe_load((project / "params.yaml").read_text())["eval"]["span_scoring"]
 
     filler = " ".join(f"Entry {i} records a cargo of salt bound for the southern port." for i in range(40))
     rows = pd.DataFrame(
@@ -291,7 +291,8 @@ def test_registered_span_scoring_decides_the_served_answers(project: Path, tmp_p
         )
         return model.predict(None, rows)
 
-    by_sum, by_softmax, before = served(), served(span_scoring="chunk_softmax"), served(span_scoring=None)
+    by_sum, by_softmax = served(span_scoring="logit_sum"), served(span_scoring="chunk_softmax")
+    before = served(span_scoring=None)
     assert (by_softmax["score"] <= 0).all()  # log p(start) + log p(end)
     assert not (by_sum["score"].to_numpy() == by_softmax["score"].to_numpy()).all()
     pd.testing.assert_frame_equal(before, by_sum)

@@ -85,7 +85,7 @@ def test_picks_max_scoring_span(tiny):
     a, b = tok_of(rec, feats, 0, "420"), tok_of(rec, feats, 0, "kilometres")
     s_log[0][a], e_log[0][b] = 5.0, 4.0
     s_log[0][a + 3], e_log[0][a + 4] = 3.0, 3.5  # a weaker valid span elsewhere
-    (ans,) = best_spans([rec], feats, s_log, e_log)
+    (ans,) = best_spans([rec], feats, s_log, e_log, scoring="logit_sum")
     assert ans.text == "420 kilometres"
     assert (ans.start, ans.end) == (CONTEXT.index("420"), CONTEXT.index("420") + len("420 kilometres"))
     assert CONTEXT[ans.start : ans.end] == ans.text
@@ -99,7 +99,7 @@ def test_rejects_end_before_start(tiny):
     late, early = tok_of(rec, feats, 0, "1780"), tok_of(rec, feats, 0, "420")
     s_log[0][late], e_log[0][early] = 10.0, 10.0  # 20.0, but the end precedes the start
     s_log[0][early] = 3.0
-    (ans,) = best_spans([rec], feats, s_log, e_log)
+    (ans,) = best_spans([rec], feats, s_log, e_log, scoring="logit_sum")
     assert ans.text == "420"
     assert ans.score == pytest.approx(13.0)
 
@@ -117,10 +117,10 @@ def test_rejects_spans_longer_than_max_answer_length(tok, max_len):
     s_log[0][a] = 5.0
     e_log[0][a + max_len] = 9.0  # max_len + 1 tokens: one too long
     e_log[0][a + max_len - 1] = 1.0  # exactly max_len tokens: allowed
-    (ans,) = best_spans([rec], feats, s_log, e_log, max_answer_length=max_len)
+    (ans,) = best_spans([rec], feats, s_log, e_log, max_answer_length=max_len, scoring="logit_sum")
     assert ans.text == " ".join(words[2 : 2 + max_len])
     assert ans.score == pytest.approx(6.0)
-    (longer,) = best_spans([rec], feats, s_log, e_log, max_answer_length=max_len + 1)
+    (longer,) = best_spans([rec], feats, s_log, e_log, max_answer_length=max_len + 1, scoring="logit_sum")
     assert longer.text == " ".join(words[2 : 3 + max_len])
     assert longer.score == pytest.approx(14.0)
 
@@ -135,7 +135,7 @@ def test_ignores_question_cls_and_sep_tokens(tiny):
         s_log[0][k] = e_log[0][k] = 100.0  # the very best scores sit outside the context
     k = tok_of(rec, feats, 0, "river")
     s_log[0][k], e_log[0][k] = -50.0, -50.0
-    (ans,) = best_spans([rec], feats, s_log, e_log)
+    (ans,) = best_spans([rec], feats, s_log, e_log, scoring="logit_sum")
     assert ans.text == "river"
     assert ans.score == pytest.approx(-100.0)
     assert ans.null_score == pytest.approx(200.0)
@@ -150,10 +150,10 @@ def test_n_best_limits_candidates(tiny):
     s_log[0][t["420"]] = 8.0  # second-best start
     e_log[0][t["Alder"]] = 9.0  # best end, before both starts
     e_log[0][t["kilometres"]] = 1.0  # second-best end
-    (one,) = best_spans([rec], feats, s_log, e_log, n_best=1)
+    (one,) = best_spans([rec], feats, s_log, e_log, n_best=1, scoring="logit_sum")
     assert (one.text, one.start, one.end, one.score) == ("", -1, -1, -math.inf)
     assert apply_no_answer_threshold([one], 1e9) == [""]
-    (two,) = best_spans([rec], feats, s_log, e_log, n_best=2)
+    (two,) = best_spans([rec], feats, s_log, e_log, n_best=2, scoring="logit_sum")
     assert two.text == "420 kilometres"
     assert two.score == pytest.approx(9.0)
 
@@ -198,7 +198,7 @@ def test_best_over_chunks_maps_to_context_characters(chunked, winner):
     assert chunk_word_tok(words, context, feats, last, 3) is None
     s_log[first][a0], e_log[first][b0] = 3.0, 3.0
     s_log[last][a1], e_log[last][b1] = (2.0, 2.0) if winner == "first" else (4.0, 4.0)
-    ans = best_spans(recs, feats, s_log, e_log)[0]
+    ans = best_spans(recs, feats, s_log, e_log, scoring="logit_sum")[0]
     lo, hi = (3, 4) if winner == "first" else (56, 58)
     expected = " ".join(words[lo : hi + 1])
     assert ans.text == expected
@@ -221,7 +221,7 @@ def test_span_in_overlap_scored_by_better_chunk(chunked):
     s_log, e_log = flat_logits(feats)
     s_log[c0][k0] = e_log[c0][k0] = 1.0
     s_log[c1][k1] = e_log[c1][k1] = 2.5
-    ans = best_spans(recs, feats, s_log, e_log)[0]
+    ans = best_spans(recs, feats, s_log, e_log, scoring="logit_sum")[0]
     assert ans.text == words[w] and ans.score == pytest.approx(5.0)
 
 
@@ -233,7 +233,7 @@ def test_questions_decoded_independently(chunked):
     ka, kb = chunk_word_tok(words, context, feats, fa, 5), chunk_word_tok(words, context, feats, fb, 9)
     s_log[fa][ka] = e_log[fa][ka] = 1.0
     s_log[fb][kb] = e_log[fb][kb] = 7.0  # a higher score for question b must not leak into a
-    a, b = best_spans(recs, feats, s_log, e_log)
+    a, b = best_spans(recs, feats, s_log, e_log, scoring="logit_sum")
     assert (a.text, b.text) == (words[5], words[9])
     assert (a.score, b.score) == (pytest.approx(2.0), pytest.approx(14.0))
 
@@ -246,7 +246,7 @@ def test_null_score_is_min_cls_over_chunks(chunked):
         s_log[f][0], e_log[f][0] = cls[i % len(cls)]
     for f in (f for f, ex in enumerate(feats.example_index) if ex == 1):
         s_log[f][0], e_log[f][0] = 3.0, 3.0
-    a, b = best_spans(recs, feats, s_log, e_log)
+    a, b = best_spans(recs, feats, s_log, e_log, scoring="logit_sum")
     assert a.null_score == pytest.approx(-0.5)  # min(3.0, -0.5, 1.0, ...), not max nor first
     assert b.null_score == pytest.approx(6.0)
 
@@ -255,7 +255,7 @@ def test_question_without_chunks_has_no_answer(tiny):
     rec, feats = tiny
     s_log, e_log = flat_logits(feats)
     other = dict(rec, id="r1")
-    first, second = best_spans([rec, other], feats, s_log, e_log)
+    first, second = best_spans([rec, other], feats, s_log, e_log, scoring="logit_sum")
     assert first.start >= 0
     assert (second.text, second.start, second.score, second.null_score) == ("", -1, -math.inf, math.inf)
     assert apply_no_answer_threshold([first, second], 1e9) == [first.text, ""]
@@ -268,7 +268,7 @@ def test_matches_brute_force_on_random_logits(chunked, seed):
     s_log = [rng.normal(size=len(ids)).astype(np.float32) for ids in feats.input_ids]
     e_log = [rng.normal(size=len(ids)).astype(np.float32) for ids in feats.input_ids]
     max_len = int(rng.integers(1, 6))
-    got = best_spans(recs, feats, s_log, e_log, max_answer_length=max_len, n_best=10_000)
+    got = best_spans(recs, feats, s_log, e_log, max_answer_length=max_len, n_best=10_000, scoring="logit_sum")
     want = brute_force(recs, feats, s_log, e_log, max_len)
     for g, (score, text, start, end) in zip(got, want, strict=True):
         assert g.score == pytest.approx(score, abs=1e-5)
@@ -299,7 +299,7 @@ def test_threshold_end_to_end(tiny):
     k = tok_of(rec, feats, 0, "420")
     s_log[0][k], e_log[0][k] = 2.0, 2.0  # span 4.0
     s_log[0][0], e_log[0][0] = 3.0, 3.0  # null 6.0
-    (ans,) = best_spans([rec], feats, s_log, e_log)
+    (ans,) = best_spans([rec], feats, s_log, e_log, scoring="logit_sum")
     assert (ans.score, ans.null_score) == (pytest.approx(4.0), pytest.approx(6.0))
     assert apply_no_answer_threshold([ans], 1.5) == [""]
     assert apply_no_answer_threshold([ans], 2.5) == ["420"]
@@ -318,12 +318,14 @@ def test_v1_answers_keep_the_best_span_however_strong_the_null_score() -> None:
 
 
 def pipeline_reference(records, feats, starts, ends, max_answer_length):
-    """The transformers <= 5.2 question-answering pipeline's rule, in probability space as it computes it: per
-    chunk a softmax over context tokens and [CLS] (the rest at -10000), [CLS] then zeroed, the span with the
-    largest p(start) * p(end); the best over chunks. Returns (log of that product, text) per record."""
+    """The transformers <= 5.2 question-answering pipeline's rule, in probability space as it computes it
+    (`select_starts_ends`, `decode_spans`, `postprocess`): per chunk a softmax over context tokens and [CLS] (the
+    rest at -10000), [CLS] then zeroed, the 12 largest p(start) * p(end) of the whole start x end matrix, spans
+    outside the context dropped, the probabilities of equal texts (any case) added up over spans and chunks, the
+    first of the largest kept. Returns (log of its probability, text) per record."""
     out = []
     for ex, rec in enumerate(records):
-        best = (0.0, "")
+        found: list[list] = []  # [text, probability], in the order the pipeline appends them
         for f, fex in enumerate(feats.example_index):
             if fex != ex:
                 continue
@@ -336,11 +338,19 @@ def pipeline_reference(records, feats, starts, ends, max_answer_length):
                 p /= p.sum()
                 p[0] = 0.0
                 probs.append(p)
-            outer = np.tril(np.triu(np.outer(*probs)), max_answer_length - 1)
-            s, e = np.unravel_index(np.argmax(outer), outer.shape)
-            if outer[s, e] > best[0]:
-                best = (float(outer[s, e]), rec["context"][offs[s][0] : offs[e][1]])
-        out.append((math.log(best[0]), best[1]))
+            flat = np.tril(np.triu(np.outer(*probs)), max_answer_length - 1).ravel()
+            for i in np.argsort(-flat, kind="stable")[:12]:
+                s, e = divmod(int(i), len(offs))
+                if offs[s] is None or offs[e] is None:
+                    continue
+                text = rec["context"][offs[s][0] : offs[e][1]]
+                same = next((a for a in found if a[0].lower() == text.lower()), None)
+                if same:
+                    same[1] += flat[i]
+                else:
+                    found.append([text, flat[i]])
+        text, prob = max(found, key=lambda a: a[1])
+        out.append((math.log(prob), text))
     return out
 
 
@@ -356,7 +366,7 @@ def test_chunk_softmax_prefers_the_chunk_sure_of_its_span(chunked):
     s_log[first][a0], e_log[first][b0] = 3.0, 3.0
     s_log[first][0], e_log[first][0] = 6.0, 6.0  # this chunk's [CLS]: no answer here, it says
     s_log[last][a1], e_log[last][a1] = 2.0, 2.0
-    by_sum = best_spans(recs, feats, s_log, e_log)[0]
+    by_sum = best_spans(recs, feats, s_log, e_log, scoring="logit_sum")[0]
     by_softmax = best_spans(recs, feats, s_log, e_log, scoring="chunk_softmax")[0]
     assert by_sum.text == " ".join(words[3:5]) and by_sum.score == pytest.approx(6.0)
     assert by_softmax.text == words[57]
@@ -377,7 +387,7 @@ def test_chunk_softmax_matches_the_pipelines_rule_on_random_logits(chunked, seed
     for g, (score, text) in zip(got, want, strict=True):
         assert g.text == text and context[g.start : g.end] == text
         assert g.score == pytest.approx(score, abs=1e-6)
-    plain = best_spans(recs, feats, s_log, e_log, max_answer_length=max_len, n_best=10_000)
+    plain = best_spans(recs, feats, s_log, e_log, max_answer_length=max_len, n_best=10_000, scoring="logit_sum")
     assert [a.score for a in plain] != pytest.approx([a.score for a in got])  # a different rule
 
 
@@ -397,5 +407,33 @@ def test_chunk_softmax_null_score_is_min_cls_log_probability(tiny):
 def test_unknown_span_scoring_is_named(tiny):
     rec, feats = tiny
     s_log, e_log = flat_logits(feats)
-    with pytest.raises(ValueError, match=re.escape("'softmax' is not logit_sum|chunk_softmax")):
+    with pytest.raises(ValueError, match=re.escape("'softmax' is not chunk_softmax|logit_sum")):
         best_spans([rec], feats, s_log, e_log, scoring="softmax")
+
+
+def test_chunk_softmax_adds_up_a_text_found_in_two_chunks(chunked):
+    """A word in the overlap of two chunks, second best in each (p = 0.2 twice), beats the best span of either
+    chunk (p = 0.3): the pipeline adds the probabilities of equal answers."""
+    words, context, recs, feats = chunked
+    c0, c1 = [f for f, ex in enumerate(feats.example_index) if ex == 0][:2]
+
+    def where(i: int) -> tuple[int | None, int | None]:
+        return chunk_word_tok(words, context, feats, c0, i), chunk_word_tok(words, context, feats, c1, i)
+
+    both = [i for i in range(len(words)) if None not in where(i)]
+    w = both[len(both) // 2]
+    x = next(i for i in range(len(words)) if where(i)[0] is not None and where(i)[1] is None)
+    y = next(i for i in range(len(words)) if where(i)[0] is None and where(i)[1] is not None)
+    s_log, e_log = flat_logits(feats)
+    for chunk, (own, shared) in {c0: (where(x)[0], where(w)[0]), c1: (where(y)[1], where(w)[1])}.items():
+        s_log[chunk][own] = e_log[chunk][own] = 2.2
+        s_log[chunk][shared] = e_log[chunk][shared] = 2.0
+    by_softmax = best_spans(recs, feats, s_log, e_log, scoring="chunk_softmax")[0]
+    assert by_softmax.text == words[w]
+    (want_score, want_text), _ = pipeline_reference(recs, feats, s_log, e_log, 30)
+    assert (by_softmax.text, by_softmax.score) == (want_text, pytest.approx(want_score, abs=1e-6))
+    assert math.exp(by_softmax.score) == pytest.approx(2 * 0.45**2, abs=0.02)
+    assert best_spans(recs, feats, s_log, e_log, scoring="logit_sum")[0].text in (
+        words[x],
+        words[y],
+    )  # logit_sum: one chunk's best
