@@ -100,9 +100,7 @@ class EvalConfig:
     batch_size: int = 16
     workers: int = 2  # CPU: batches answered side by side by this many threads, torch's threads shared out
     no_answer_threshold: float = 0.0  # v2.0: predict "" when null score - best span score > this
-    span_scoring: str = (
-        DEFAULT_SPAN_SCORING  # chunk_softmax (the transformers <= 5.2 QA pipeline) | logit_sum (run_qa.py)
-    )
+    span_scoring: str = DEFAULT_SPAN_SCORING  # chunk_softmax (the <= 5.2 QA pipeline's) | logit_sum (run_qa.py's)
 
 
 @dataclass

@@ -33,6 +33,7 @@ from tasks.evaluate import PREDICTIONS_FILE, predict_records
 from tasks.io_utils import atomic_write_json
 from tasks.prepare import VERSION_FILE
 from tasks.register import REGISTERED_FILE
+from tasks.spans import REGISTERED_BEFORE_SPAN_SCORING
 from tasks.squad_metrics import per_question_scores
 from tasks.tracking import setup_mlflow
 
@@ -58,7 +59,7 @@ def rescore(cfg: Config, mv: ModelVersion, records: list[dict], squad_version: s
                 "features.max_query_length": settings["max_query_length"],
                 "eval.max_answer_length": settings["max_answer_length"],
                 "eval.n_best": settings["n_best"],
-                "eval.span_scoring": settings.get("span_scoring", "logit_sum"),  # older versions: logit_sum
+                "eval.span_scoring": settings.get("span_scoring", REGISTERED_BEFORE_SPAN_SCORING),
             }
         )
         predictions, _, _ = predict_records(own, local / artifacts["model_dir"]["path"], records, squad_version)

@@ -60,6 +60,7 @@ class SpanQAModel(PythonModel):
         self, context: PythonModelContext, model_input: pd.DataFrame, params: dict | None = None
     ) -> pd.DataFrame:
         from tasks.inference import answer_questions
+        from tasks.spans import REGISTERED_BEFORE_SPAN_SCORING
 
         records = request_records(model_input, self.settings["max_batch"])
         s = self.settings
@@ -75,7 +76,7 @@ class SpanQAModel(PythonModel):
             s["batch_size"],
             s["precision"],
             s.get("workers", 1),  # models registered before eval.workers existed
-            s.get("span_scoring", "logit_sum"),  # ... and before eval.span_scoring
+            s.get("span_scoring", REGISTERED_BEFORE_SPAN_SCORING),
         )
         return pd.DataFrame(
             {

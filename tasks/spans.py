@@ -7,8 +7,8 @@ Two rules score a span (`eval.span_scoring`); both compare a question's spans ac
   that it widens spans to whole words: its answers, for users moving off it. The score is the log of the summed
   probability.
 - `logit_sum`: start logit + end logit, as Hugging Face's `run_qa.py` post-processing.
-On the dev questions chunk_softmax answered 0.14 to 0.99 EM points more than logit_sum on each of 4 trained models
-in bf16 and fp32; it is the sum over equal answers that gains (benchmarks/README.md, twelfth round).
+Over 10 trained models chunk_softmax scored EM +0.27 and F1 -0.02 on average against logit_sum on held-out
+questions: as accurate, with the pipeline's answers (benchmarks/README.md, twelfth round).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # the config imports SPAN_SCORINGS: no torch for that
 
 SPAN_SCORINGS = ("chunk_softmax", "logit_sum")
 DEFAULT_SPAN_SCORING = "chunk_softmax"  # eval.span_scoring's default
+REGISTERED_BEFORE_SPAN_SCORING = "logit_sum"  # the rule of model versions whose settings lack span_scoring
 PIPELINE_SPANS_PER_CHUNK = 12  # the pipeline's candidates per chunk for one answer (top_k * 2 + 10)
 
 
@@ -32,7 +33,7 @@ class Answer:
     text: str
     start: int  # character offsets in the context; -1 when no answer
     end: int
-    score: float  # the span's score under the scoring rule (logit_sum: start logit + end logit)
+    score: float  # chunk_softmax: log of the answer's summed probability; logit_sum: start logit + end logit
     null_score: float  # lowest [CLS] score, same rule, over the question's chunks (v2.0 no-answer)
 
 
