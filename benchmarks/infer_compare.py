@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.memory import peak_rss_mb
+from tasks.spans import DEFAULT_SPAN_SCORING, SPAN_SCORINGS
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -108,7 +109,7 @@ def spanflow_side(args: argparse.Namespace) -> dict[str, Any]:
     from tasks.data import read_jsonl
     from tasks.features import featurize
     from tasks.inference import answer_questions, default_device, load_qa_model, resolve_precision, run_model
-    from tasks.spans import SPAN_SCORINGS, answer_texts, best_spans
+    from tasks.spans import answer_texts, best_spans
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -567,7 +568,7 @@ def main(argv: list[str] | None = None) -> None:
     child.add_argument("--workers", type=int, default=1)
     child.add_argument("--squad-version", default="1.1")
     child.add_argument("--no-answer-threshold", type=float, default=0.0)
-    child.add_argument("--span-scoring", default="chunk_softmax")
+    child.add_argument("--span-scoring", choices=SPAN_SCORINGS, default=DEFAULT_SPAN_SCORING)
     child.add_argument("--by-scoring", action="store_true", help="also decode with every span-scoring rule")
     args = parser.parse_args(argv)
 

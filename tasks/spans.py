@@ -38,7 +38,7 @@ class Answer:
 
 
 def _log_softmax(logits: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """log softmax over the positions in `keep`; the others are left as they are (the caller masks them)."""
+    """log softmax over the positions in `keep`; the others are shifted alike (the caller masks them)."""
     kept = logits[keep].astype(np.float64)
     top = kept.max()
     return logits - (top + np.log(np.exp(kept - top).sum()))

@@ -125,7 +125,7 @@ def score_answers(records: list[Record], feats: Features, starts, ends, cfg: Con
     e = cfg.eval
     answers = best_spans(records, feats, starts, ends, e.max_answer_length, e.n_best, e.span_scoring)
     version = "2.0" if any(r["is_impossible"] for r in records) else "1.1"
-    texts = answer_texts(answers, version, cfg.eval.no_answer_threshold)
+    texts = answer_texts(answers, version, e.no_answer_threshold)
     return score(records, {r["id"]: t for r, t in zip(records, texts, strict=True)}, version)
 
 
