@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from spanflow.config import ConfigError, load_config
+from spanflow.config import ConfigError, load_config, profile_overrides
 
 STAGES = ("prepare", "tune", "featurize", "train", "evaluate", "register", "promote")
 
@@ -23,6 +23,12 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="override a dotted key; the value is parsed as YAML (repeatable), e.g. --set train.epochs=1",
+    )
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="NAME",
+        help="a set of overrides from profiles/NAME.yaml, applied before --set (e.g. full: the whole of SQuAD)",
     )
 
 
@@ -83,6 +89,8 @@ def _registry_command(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "profile", None):
+            args.overrides = profile_overrides(args.profile) + args.overrides
         load_config(args.params, args.overrides)  # fail fast, before Prefect starts
     except ConfigError as exc:
         print(f"spanflow: error: {exc}", file=sys.stderr)

@@ -29,6 +29,7 @@ class DataConfig:
     dev_split: str = "validation"
     hub_config: str | None = None  # dataset config name for the Hub, if any
     val_fraction: float = 0.1  # share of training articles held out for validation
+    train_articles: int | None = None  # seeded sample of this many articles of `train`, before the split (None = all)
     train_limit: int | None = None  # first N training questions (None = all)
     dev_limit: int | None = None  # first N dev questions (None = all)
     seed: int = 42
@@ -81,6 +82,7 @@ class TrainConfig:
     early_stopping_patience: int = 2  # epochs without a lower validation loss before stopping
     select_by: str = "val_f1"  # weights kept at the end: best epoch by val_f1 or val_loss, or the last
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
+    eval_every_steps: int | None = None  # also validate every N optimizer steps inside an epoch (None: epoch ends)
     group_by_length: bool = False  # batches of similar-length features (less padding, but slower early learning)
     micro_batches: int = 4  # at most this many passes per batch, its chunks sorted by length: less padding
     pass_overhead_tokens: int = 320  # a pass's fixed cost in padded tokens: more passes only where they pay
@@ -149,18 +151,25 @@ class SearchSpaceConfig:
 
 @dataclass
 class TrialConfig:
-    """What one trial costs: a seeded sample of the training split, a few epochs."""
+    """What one trial costs: a seeded sample of the training split, a step budget, a validation sample."""
 
-    train_questions: int | None = 128  # None = the whole training split
-    epochs: int = 2
-    max_steps: int | None = None
+    train_questions: int | None = 1600  # None = the whole training split
+    val_questions: int | None = 400  # seeded sample of the validation split every trial is scored on (None = all)
+    epochs: int = 1
+    max_steps: int | None = 100  # optimizer steps per trial (None: epochs x the sample's batches)
+
+
+PRUNERS = ("successive_halving", "hyperband", "median", "none")
 
 
 @dataclass
 class PrunerConfig:
-    name: str = "median"  # median (Optuna MedianPruner on per-epoch validation F1) | none
-    startup_trials: int = 2  # finished trials before any pruning
-    warmup_epochs: int = 0  # epochs a trial always runs before it can be pruned
+    """Multi-fidelity pruning over training steps: trials are scored at rungs of min_steps x factor^k steps."""
+
+    name: str = "successive_halving"  # successive_halving | hyperband | median | none
+    min_steps: int = 25  # the first rung: steps every trial runs before it can be pruned
+    reduction_factor: int = 2  # successive halving / hyperband: 1/factor of a rung's trials go on
+    startup_trials: int = 2  # median: finished trials before any pruning
 
 
 @dataclass
@@ -322,6 +331,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"train.loss: {cfg.train.loss!r} is not {'|'.join(TRAIN_LOSSES)}")
     if cfg.train.early_stopping_patience < 1:
         raise ConfigError("train.early_stopping_patience: must be >= 1")
+    if cfg.data.train_articles is not None and cfg.data.train_articles < 1:
+        raise ConfigError(f"data.train_articles: {cfg.data.train_articles} must be >= 1 or null (all)")
     if not 0 <= cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction: {cfg.data.val_fraction} must be in [0, 1)")
     for key in ("epochs", "batch_size", "grad_accum_steps", "micro_batches", "pad_to_multiple_of"):
@@ -384,8 +395,46 @@ def _validate_search(cfg: Config) -> None:
         raise ConfigError("search.workers, search.heartbeat_seconds and search.trial.epochs must be >= 1")
     if s.trial.train_questions is not None and s.trial.train_questions < 1:
         raise ConfigError("search.trial.train_questions: must be >= 1 or null (all)")
-    if s.pruner.name not in {"median", "none"}:
-        raise ConfigError(f"search.pruner.name: {s.pruner.name!r} is not median|none")
+    if s.trial.val_questions is not None and s.trial.val_questions < 1:
+        raise ConfigError("search.trial.val_questions: must be >= 1 or null (all)")
+    if s.trial.max_steps is not None and s.trial.max_steps < 1:
+        raise ConfigError("search.trial.max_steps: must be >= 1 or null (epochs)")
+    if s.pruner.name not in PRUNERS:
+        raise ConfigError(f"search.pruner.name: {s.pruner.name!r} is not {'|'.join(PRUNERS)}")
+    if s.pruner.min_steps < 1 or s.pruner.reduction_factor < 2:
+        raise ConfigError("search.pruner.min_steps must be >= 1 and search.pruner.reduction_factor >= 2")
+    if s.pruner.name == "hyperband" and s.trial.max_steps is None:
+        raise ConfigError("search.pruner.name: hyperband needs search.trial.max_steps (its largest budget)")
+
+
+PROFILES_DIR = Path("profiles")
+
+
+def profile_overrides(profile: str) -> list[str]:
+    """A profile (`profiles/NAME.yaml`, or a path to a YAML file) as `--set` overrides: its keys replace
+    params.yaml's, and any `--set` given after it wins over both."""
+    path = Path(profile) if profile.endswith((".yaml", ".yml")) else PROFILES_DIR / f"{profile}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))) or "none"
+        raise ConfigError(f"profile {profile!r}: {path} not found (profiles: {known})")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    out: list[str] = []
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            text = yaml.safe_dump(node, default_flow_style=True, width=10**6).strip()
+            out.append(f"{prefix[:-1]}={text.removesuffix('...').strip()}")
+
+    walk("", raw)
+    return out
 
 
 def load_config(path: str | Path | None = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Config:

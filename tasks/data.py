@@ -9,9 +9,11 @@ Records are flat dicts in the Hugging Face ``squad`` schema plus ``is_impossible
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import random
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ __all__ = [
     "load_hub_dataset",
     "load_squad_json",
     "read_jsonl",
+    "sample_articles",
     "split_by_article",
     "validate",
     "write_jsonl_atomic",
@@ -83,17 +86,26 @@ def _normalize_version(raw: Any) -> str | None:
     return version if version in SUPPORTED_VERSIONS else None
 
 
+def is_gzip_name(path: Path | str) -> bool:
+    return str(path).lower().endswith(".json.gz")
+
+
 def load_squad_json(path: Path | str) -> tuple[list[Record], str]:
-    """Read an official SQuAD v1.1/v2.0 JSON file; returns (flat records, version).
+    """Read an official SQuAD v1.1/v2.0 JSON file, plain or gzipped (.json.gz); returns (flat records, version).
 
     Only structure and types are checked here; content checks live in `validate`.
     """
     path = Path(path)
     src = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
+        if is_gzip_name(path):
+            raw = gzip.decompress(raw)
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise DataValidationError(src, "file not found") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise DataValidationError(src, f"not a readable gzip file ({type(exc).__name__}: {exc})") from None
     except UnicodeDecodeError as exc:
         raise DataValidationError(src, f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     try:
@@ -229,10 +241,10 @@ def load_hub_dataset(name: str, split: str, config: str | None = None, **kwargs:
 
 
 def ingest(source: str, split: str = "train", config: str | None = None) -> tuple[list[Record], str]:
-    """Load `source`: a local SQuAD .json file, a local .jsonl/.parquet/.csv file or
+    """Load `source`: a local SQuAD .json or .json.gz file, a local .jsonl/.parquet/.csv file or
     dataset directory, or a Hub dataset name. Returns (records, version)."""
     path = Path(source)
-    suffix = path.suffix.lower()
+    suffix = ".json" if is_gzip_name(path) else path.suffix.lower()
     if path.is_file():
         if suffix == ".json":
             return load_squad_json(path)
@@ -374,6 +386,23 @@ def split_by_article(records: Sequence[Record], val_fraction: float, seed: int) 
     train = [r for r in records if r["title"] not in val_titles]
     val = [r for r in records if r["title"] in val_titles]
     return train, val
+
+
+def sample_articles(records: Sequence[Record], n: int | None, seed: int) -> list[Record]:
+    """The records of a seeded sample of `n` articles (by title), in input order; None = all.
+
+    Sampling whole articles from the whole file spreads a small budget over many topics
+    while keeping each article's questions together (the validation split is by article too).
+    """
+    if n is None:
+        return list(records)
+    if n < 1:
+        raise ValueError(f"article sample must be >= 1 or None, got {n}")
+    titles = sorted({r["title"] for r in records})
+    if n >= len(titles):
+        return list(records)
+    keep = set(random.Random(seed).sample(titles, n))
+    return [r for r in records if r["title"] in keep]
 
 
 def limit_records(records: Sequence[Record], limit: int | None) -> list[Record]:

@@ -41,15 +41,17 @@ def learning_curves(history: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
-def search_heatmaps(rows: list[dict], path: Path) -> Path:
-    """Validation F1 (top) and EM (bottom) over chunk length x overlap, one column per LoRA rank,
-    one colour scale per row. Pruned trials show the score they stopped at (marked "p")."""
+def search_heatmaps(rows: list[dict], path: Path, best_point: str | None = None, lead: dict | None = None) -> Path:
+    """Validation F1 (top) and EM (bottom) over chunk length x overlap, one column per LoRA rank, one colour
+    scale per row. A pruned trial shows the score at the rung where it stopped ("p@step"); the chosen point is
+    framed in red, and the title says whether its lead over the runner-up is more than noise."""
     import numpy as np
+    from matplotlib.patches import Rectangle
 
     chunks = sorted({r["chunk_length"] for r in rows})
     overlaps = sorted({r["overlap"] for r in rows})
     ranks = sorted({r["lora_rank"] for r in rows})
-    fig, axes = plt.subplots(2, len(ranks), figsize=(3.4 * len(ranks) + 1.2, 6.4), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(2, len(ranks), figsize=(3.6 * len(ranks) + 1.2, 7.0), squeeze=False, layout="constrained")
     for row_i, (metric, label) in enumerate((("val_f1", "validation F1"), ("val_exact_match", "validation EM"))):
         scored = [r[metric] for r in rows if r["state"] in ("complete", "pruned") and r.get(metric) is not None]
         low, high = (min(scored), max(scored)) if scored else (0.0, 1.0)
@@ -63,7 +65,10 @@ def search_heatmaps(rows: list[dict], path: Path) -> Path:
                 cell = (overlaps.index(r["overlap"]), chunks.index(r["chunk_length"]))
                 if r["state"] in ("complete", "pruned") and r.get(metric) is not None:
                     grid[cell] = r[metric]
-                    notes[cell] = f"{r[metric]:.1f}" + (" p" if r["state"] == "pruned" else "")
+                    pruned = f"\np@{r.get('steps_run')}" if r["state"] == "pruned" else ""
+                    notes[cell] = f"{r[metric]:.1f}{pruned}"
+                    if r["point"] == best_point:
+                        ax.add_patch(Rectangle((cell[1] - 0.5, cell[0] - 0.5), 1, 1, fill=False, ec="red", lw=3))
                 elif cell not in notes:
                     notes[cell] = r["state"]  # skipped, fail, running
             image = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto", vmin=low, vmax=high)
@@ -75,6 +80,14 @@ def search_heatmaps(rows: list[dict], path: Path) -> Path:
             ax.set_yticks(range(len(overlaps)), overlaps)
             ax.set(xlabel="chunk length", ylabel="overlap", title=f"{label}, LoRA rank {rank}")
         fig.colorbar(image, ax=list(axes[row_i]), fraction=0.046)
+    title = "p@N: pruned at step N (its F1 there)"
+    if best_point:
+        title = f"chosen: {best_point} (red frame). " + title
+    if lead:
+        lead_text = f"lead over {lead['runner_up']}: {lead['lead_f1']:+.1f} F1 [{lead['lead_low']:+.1f}, "
+        lead_text += f"{lead['lead_high']:+.1f}], " + ("more than noise" if lead["separated"] else "within noise")
+        title += "\n" + lead_text
+    fig.suptitle(title, fontsize=9)
     return _save(fig, path)
 
 
@@ -85,11 +98,11 @@ def search_durations(rows: list[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(trials) + 1.5))
     labels = [f"#{r['trial']} {r['point']}" for r in trials]
     ax.barh(labels, [r["seconds"] or 0 for r in trials], color=[colours.get(r["state"], "tab:gray") for r in trials])
-    for state, colour in colours.items():
-        if any(r["state"] == state for r in trials):
-            ax.barh([], [], color=colour, label=state)
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=c, label=state) for state, c in colours.items() if any(r["state"] == state for r in trials)]
     ax.invert_yaxis()
     ax.set(xlabel="seconds", title="Search trial durations")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(handles=handles, loc="lower right")
     return _save(fig, path)

@@ -21,6 +21,7 @@ from tasks.data import (
     file_md5,
     ingest,
     limit_records,
+    sample_articles,
     split_by_article,
     validate,
     write_jsonl_atomic,
@@ -48,6 +49,10 @@ def check(dataset: Dataset) -> Dataset:
     return dataset
 
 
+def _articles(records: list[Record]) -> int:
+    return len({r["title"] for r in records})
+
+
 def version_info(train: Dataset, dev: Dataset) -> dict:
     """Content hashes of the normalized data, and the file md5 DVC records for a local file."""
     info = {}
@@ -57,7 +62,7 @@ def version_info(train: Dataset, dev: Dataset) -> dict:
             "source": ds.source,
             "squad_version": ds.version,
             "questions": len(ds.records),
-            "articles": len({r["title"] for r in ds.records}),
+            "articles": _articles(ds.records),
             "content_sha256": content_hash(ds.records),
             "dvc_md5": file_md5(path) if path.is_file() else None,
         }
@@ -65,11 +70,22 @@ def version_info(train: Dataset, dev: Dataset) -> dict:
 
 
 def split_and_write(train: Dataset, dev: Dataset, cfg: DataConfig, info: dict, out_dir: Path = PREPARED) -> dict:
-    """Split training data by article (seeded) and write train/val/dev records and version.json."""
-    train_part, val_part = split_by_article(train.records, cfg.val_fraction, cfg.seed)
+    """Sample training articles, split them by article (both seeded) and write train/val/dev records and
+    version.json."""
+    pool = sample_articles(train.records, cfg.train_articles, cfg.seed)
+    train_part, val_part = split_by_article(pool, cfg.val_fraction, cfg.seed)
     if not train_part:
         raise DataValidationError(train.source, f"data.val_fraction={cfg.val_fraction} leaves no training article")
-    info = {**info, "split": {"train": len(train_part), "val": len(val_part), "seed": cfg.seed}}
+    info = {
+        **info,
+        "split": {
+            "train": len(train_part),
+            "val": len(val_part),
+            "articles": {"train": _articles(train_part), "val": _articles(val_part)},
+            "sampled_articles": cfg.train_articles,
+            "seed": cfg.seed,
+        },
+    }
     write_jsonl_atomic(out_dir / "train.jsonl", train_part)
     write_jsonl_atomic(out_dir / "val.jsonl", val_part)
     write_jsonl_atomic(out_dir / "dev.jsonl", dev.records)

@@ -34,6 +34,7 @@ from spanflow.paths import PREPARED, RESULTS
 from tasks.best_params import write_best_params
 from tasks.grid import SEARCHED_KEYS, GridPoint, split_grid
 from tasks.grid_claims import ClaimBoard, utc_now
+from tasks.grid_lead import best_lead
 from tasks.io_utils import atomic_write_json, atomic_write_text
 from tasks.plots import search_durations, search_heatmaps
 from tasks.search_worker import (
@@ -212,13 +213,15 @@ def _wait_for_others(study: optuna.Study, points: list[GridPoint], grace_seconds
         time.sleep(min(10, grace_seconds))
 
 
-def trial_rows(study: optuna.Study, cfg: Config, skipped: dict[GridPoint, str]) -> list[dict[str, Any]]:
-    """One row per trial, plus one per skipped point: the table behind the plots."""
+def trial_rows(study: optuna.Study, skipped: dict[GridPoint, str]) -> list[dict[str, Any]]:
+    """One row per trial, plus one per skipped point: the table behind the plots. A trial's F1 is the one at
+    the last step it trained: its budget when complete, the rung where it stopped when pruned."""
     rows = []
     for t in study.get_trials(deepcopy=False):
         if t.state == TrialState.WAITING:
             continue
-        epoch_seconds = t.user_attrs.get("epoch_seconds") or []
+        steps, budget = t.user_attrs.get("steps_run", 0), t.user_attrs.get("budget_steps")
+        train_seconds = t.user_attrs.get("train_seconds")
         row = {
             "trial": t.number,
             "point": t.user_attrs.get("point"),
@@ -226,7 +229,8 @@ def trial_rows(study: optuna.Study, cfg: Config, skipped: dict[GridPoint, str]) 
             "state": t.state.name.lower(),
             "val_f1": t.value if t.value is not None else t.user_attrs.get("last_val_f1"),
             "val_exact_match": t.user_attrs.get("val_exact_match"),
-            "epochs_run": t.user_attrs.get("epochs_run", 0),
+            "steps_run": steps,
+            "budget_steps": budget,
             "seconds": t.user_attrs.get("seconds"),
             "saved_seconds": 0.0,
             "peak_rss_mb": t.user_attrs.get("peak_rss_mb"),
@@ -234,14 +238,27 @@ def trial_rows(study: optuna.Study, cfg: Config, skipped: dict[GridPoint, str]) 
             "attempt": t.user_attrs.get("attempt"),
             "note": t.user_attrs.get("error", ""),
         }
-        if t.state == TrialState.PRUNED and epoch_seconds:
-            left = cfg.search.trial.epochs - len(epoch_seconds)
-            row["saved_seconds"] = round(left * sum(epoch_seconds) / len(epoch_seconds), 2)
-            row["note"] = f"pruned after epoch {len(epoch_seconds)}"
+        if t.state == TrialState.PRUNED and steps and budget and train_seconds:
+            row["saved_seconds"] = round((budget - steps) * train_seconds / steps, 2)  # the steps it did not train
+            row["note"] = f"pruned at step {steps} of {budget}"
         rows.append(row)
     for point, reason in skipped.items():
         rows.append({"trial": None, "point": point.key, **point.params(), "state": "skipped", "note": reason})
     return rows
+
+
+def lead_of_best(study: optuna.Study, rows: list[dict], best: dict | None, seed: int) -> dict | None:
+    """The best point's lead over the runner-up against the noise (tasks/grid_lead.py)."""
+    if best is None:
+        return None
+    attrs = {t.number: t.user_attrs for t in study.get_trials(deepcopy=False)}
+    scored = [r for r in rows if r["state"] in ("complete", "pruned") and r["trial"] != best["trial"]]
+    ranked = [best, *sorted(scored, key=lambda r: (-(r["steps_run"] or 0), -(r["val_f1"] or 0)))]
+    trials = [
+        {"point": r["point"], "state": r["state"], "per_question": attrs[r["trial"]].get("val_f1_per_question", {})}
+        for r in ranked
+    ]
+    return best_lead(trials, seed)
 
 
 def _write_outputs(rows: list[dict], summary: dict) -> None:
@@ -255,7 +272,8 @@ def _write_outputs(rows: list[dict], summary: dict) -> None:
         "state",
         "val_f1",
         "val_exact_match",
-        "epochs_run",
+        "steps_run",
+        "budget_steps",
         "seconds",
         "saved_seconds",
         "peak_rss_mb",
@@ -269,11 +287,13 @@ def _write_outputs(rows: list[dict], summary: dict) -> None:
     writer.writerows(rows)
     atomic_write_text(TRIALS_FILE, buf.getvalue())
     atomic_write_json(SUMMARY_FILE, summary)
-    search_heatmaps(rows, HEATMAP_FILE)
+    search_heatmaps(rows, HEATMAP_FILE, summary["best_point"], summary["lead"])
     search_durations(rows, DURATIONS_FILE)
 
 
-def _summarize(study: optuna.Study, rows: list[dict], points: list[GridPoint], wall: float) -> dict[str, Any]:
+def _summarize(
+    study: optuna.Study, rows: list[dict], points: list[GridPoint], wall: float, seed: int
+) -> dict[str, Any]:
     trials = [r for r in rows if r["state"] != "skipped"]
     count = {s: sum(r["state"] == s for r in rows) for s in ("complete", "pruned", "fail", "skipped")}
     finished = {r["point"] for r in trials if r["state"] in ("complete", "pruned")}
@@ -297,6 +317,7 @@ def _summarize(study: optuna.Study, rows: list[dict], points: list[GridPoint], w
         "wall_seconds_total": round(study.user_attrs["wall_seconds_total"], 1),  # all runs of this study
         "trial_seconds_total": round(sum(r["seconds"] or 0 for r in trials), 1),
         "pruning_saved_seconds": round(sum(r["saved_seconds"] or 0 for r in trials), 1),
+        "lead": lead_of_best(study, rows, best, seed),
     }
 
 
@@ -309,7 +330,11 @@ def _log_parent(cfg: Config, run_id: str, summary: dict, storage_url: str, faile
         )
         mlflow.set_tags({"optuna.storage": redact(storage_url), **prefect_tags()})
         numbers = {k: float(v) for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        lead = summary["lead"] or {}
+        numbers |= {f"lead_{k.removeprefix('lead_')}": v for k, v in lead.items() if k.startswith("lead_")}
         mlflow.log_metrics(numbers)
+        if lead:
+            mlflow.set_tags({"search.separated": str(lead["separated"]), "search.verdict": lead["verdict"]})
         if summary["best_params"]:
             mlflow.log_text(yaml.safe_dump(summary["best_params"]), "best_params.yaml")
         for path in (TRIALS_FILE, SUMMARY_FILE, HEATMAP_FILE, DURATIONS_FILE):
@@ -347,10 +372,10 @@ def tune_stage(cfg: Config, workers: int | None = None) -> dict[str, Any]:
         _run_workers(ctx, workers or cfg.search.workers, storage)
     _wait_for_others(study, points, grace)
 
-    rows = trial_rows(study, cfg, skipped)
+    rows = trial_rows(study, skipped)
     wall = time.perf_counter() - t0
     study.set_user_attr("wall_seconds_total", study.user_attrs.get("wall_seconds_total", 0.0) + wall)
-    summary = _summarize(study, rows, points, wall)
+    summary = _summarize(study, rows, points, wall, cfg.train.seed)
     _write_outputs(rows, summary)
     missing = summary["points_missing"]
     _log_parent(cfg, parent, summary, url, failed=bool(missing))
@@ -360,8 +385,9 @@ def tune_stage(cfg: Config, workers: int | None = None) -> dict[str, Any]:
             {
                 "source": "search",
                 "study": name,
-                "storage": redact(url),
+                "storage": redact(os.environ.get("OPTUNA_STORAGE") or cfg.search.storage),  # as configured
                 "trial": summary["best_trial"],
+                "separated_from_runner_up": (summary["lead"] or {}).get("separated"),
                 "val_f1": summary["best_val_f1"],
                 "val_exact_match": summary["best_val_exact_match"],
                 "mlflow_parent_run_id": parent,
@@ -374,6 +400,8 @@ def tune_stage(cfg: Config, workers: int | None = None) -> dict[str, Any]:
         f"{summary['wall_seconds']:.0f}s wall ({summary['wall_seconds_total']:.0f}s over all runs of the study), "
         f"~{summary['pruning_saved_seconds']:.0f}s saved by pruning"
     )
+    if summary["lead"]:
+        print(f"search: {summary['lead']['verdict']}")
     if missing:
         raise SearchIncomplete(
             f"study {name}: no finished trial for {', '.join(missing)}; rerun the search (spanflow tune) "

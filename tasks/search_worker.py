@@ -76,6 +76,24 @@ def trial_config(cfg: Config, point: GridPoint, num_threads: int | None = None) 
     )
 
 
+def trial_steps(cfg: Config, train_chunks: int) -> int:
+    """The optimizer steps one trial trains: its epochs over the sample, capped by search.trial.max_steps."""
+    t, tc = cfg.search.trial, cfg.train
+    steps = -(-train_chunks // (tc.batch_size * tc.grad_accum_steps)) * t.epochs
+    return min(steps, t.max_steps) if t.max_steps else steps
+
+
+def rung_steps(cfg: Config, total_steps: int) -> list[int]:
+    """Where a trial is scored and may be pruned: min_steps x reduction_factor^k below the trial's budget,
+    then the budget itself (a trial at its last step is finished, never pruned)."""
+    p = cfg.search.pruner
+    steps, step = [], p.min_steps
+    while step < total_steps:
+        steps.append(step)
+        step *= p.reduction_factor
+    return [*steps, total_steps]
+
+
 def sample_questions(records: list[Record], n: int | None, seed: int) -> list[Record]:
     """A seeded sample of n questions, in their original order (all of them when n is None)."""
     if n is None or n >= len(records):
@@ -135,10 +153,9 @@ class SearchWorker:
     def chunks(self, point: GridPoint) -> tuple[Features, Features, list[Record]]:
         """(train chunks, validation chunks, validation records), shared by points with equal splitting."""
         if self._records is None:
-            train = read_jsonl(PREPARED / "train.jsonl")
-            trial = self.cfg.search.trial
-            sample = sample_questions(train, trial.train_questions, self.cfg.data.seed)
-            self._records = (sample, read_jsonl(PREPARED / "val.jsonl"))
+            trial, seed = self.cfg.search.trial, self.cfg.data.seed
+            sample = sample_questions(read_jsonl(PREPARED / "train.jsonl"), trial.train_questions, seed)
+            self._records = (sample, sample_questions(read_jsonl(PREPARED / "val.jsonl"), trial.val_questions, seed))
         train, val = self._records
         key = (point.chunk_length, point.overlap)
         if key not in self._chunks:
@@ -181,9 +198,10 @@ class SearchWorker:
         )
         trial.set_user_attr("mlflow_run_id", run.info.run_id)
         state, value, error = TrialState.FAIL, None, None
-        history: list[EpochStats] = []  # filled epoch by epoch, so a pruned or failed trial keeps its part
+        history: list[EpochStats] = []  # filled rung by rung, so a pruned or failed trial keeps its part
+        per_question: dict[int, list[float]] = {}  # step -> validation F1 per question, for the paired bootstrap
         try:
-            value = self.train_point(point, trial, history)
+            value = self.train_point(point, trial, history, per_question)
             state = TrialState.COMPLETE
         except optuna.TrialPruned:
             state = TrialState.PRUNED
@@ -193,12 +211,22 @@ class SearchWorker:
         finally:
             seconds = time.perf_counter() - t0
             peak = ticker.stop()
-            self._finish(trial, state, value, error, history, seconds, peak, point)
+            self._finish(trial, state, value, error, history, per_question, seconds, peak, point)
 
-    def train_point(self, point: GridPoint, trial: optuna.trial.Trial, history: list[EpochStats]) -> float:
-        """Train and score one point; returns its best validation F1 over the epochs."""
+    def train_point(
+        self,
+        point: GridPoint,
+        trial: optuna.trial.Trial,
+        history: list[EpochStats],
+        per_question: dict[int, list[float]],
+    ) -> float:
+        """Train and score one point; returns its validation F1 at the end of the trial's budget. At each rung
+        the F1 goes to Optuna, whose pruner may stop the trial there."""
         cfg = trial_config(self.cfg, point, self.num_threads)
         train_feats, val_feats, val_records = self.chunks(point)
+        total = trial_steps(self.cfg, len(train_feats))
+        rungs = rung_steps(self.cfg, total)
+        trial.set_user_attr("budget_steps", total)
         set_seed(cfg.train.seed)  # the adapters start from the seed, whatever ran before
         prepared = apply_method(copy.deepcopy(self.backbone()), cfg.method)
         prepared.model.to(default_device())
@@ -207,24 +235,30 @@ class SearchWorker:
                 **point.params(),
                 "train_questions": len(self._records[0]),
                 "train_chunks": len(train_feats),
-                "epochs": cfg.train.epochs,
+                "val_questions": len(val_records),
+                "budget_steps": total,
+                "rung_steps": ",".join(map(str, rungs)),
                 "trainable_params": prepared.trainable_params,
             }
         )
+        order = [r["id"] for r in val_records]
 
-        def report(stats: EpochStats) -> None:
+        def report(stats: EpochStats, f1_by_question: dict[str, float]) -> None:
             history.append(stats)
+            per_question[stats.step] = [round(f1_by_question[q], 2) for q in order]
             metrics = {k: getattr(stats, k) for k in ("val_f1", "val_exact_match", "val_loss", "train_loss")}
-            mlflow.log_metrics(metrics, step=stats.epoch)
-            trial.report(stats.val_f1, stats.epoch)
-            if trial.should_prune():
-                print(f"trial {trial.number} {point.key}: pruned after epoch {stats.epoch} (val F1 {stats.val_f1:.2f})")
+            mlflow.log_metrics(metrics, step=stats.step)
+            trial.report(stats.val_f1, stats.step)
+            if stats.step < total and trial.should_prune():
+                print(f"trial {trial.number} {point.key}: pruned at step {stats.step} (val F1 {stats.val_f1:.2f})")
                 raise optuna.TrialPruned()
 
         with tempfile.TemporaryDirectory(prefix="spanflow-trial-") as ckpt:
             pad_id = self.tokenizer.pad_token_id
-            train_model(prepared, train_feats, val_feats, val_records, cfg, pad_id, Path(ckpt), on_epoch=report)
-        return max(h.val_f1 for h in history)
+            train_model(
+                prepared, train_feats, val_feats, val_records, cfg, pad_id, Path(ckpt), on_eval=report, eval_steps=rungs
+            )
+        return history[-1].val_f1
 
     def _finish(
         self,
@@ -233,19 +267,22 @@ class SearchWorker:
         value: float | None,
         error: str | None,
         history: list[EpochStats],
+        per_question: dict[int, list[float]],
         seconds: float,
         peak_mb: float,
         point: GridPoint,
     ) -> None:
         """Record the outcome in Optuna (user attrs, state) and close the nested MLflow run."""
-        best = max(history, key=lambda h: h.val_f1) if history else None
+        last = history[-1] if history else None
         attrs = {
             "seconds": round(seconds, 2),
             "peak_rss_mb": round(peak_mb, 1),
-            "epochs_run": len(history),
-            "epoch_seconds": [round(h.seconds, 2) for h in history],
-            "val_exact_match": best.val_exact_match if best else None,
-            "last_val_f1": history[-1].val_f1 if history else None,
+            "steps_run": last.step if last else 0,
+            "train_seconds": round(last.seconds, 2) if last else None,  # training only, validation excluded
+            "val_f1_by_step": {str(h.step): h.val_f1 for h in history},
+            "val_f1_per_question": {str(k): v for k, v in per_question.items()},
+            "val_exact_match": last.val_exact_match if last else None,
+            "last_val_f1": last.val_f1 if last else None,
             "worker_backbone_loads": self.backbone_loads,  # so far in this worker process
             "worker_featurize_calls": self.featurize_calls,
         }
@@ -253,21 +290,29 @@ class SearchWorker:
             attrs["error"] = error
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
-        mlflow.log_metrics({"duration_seconds": seconds, "peak_rss_mb": peak_mb, "epochs_run": float(len(history))})
-        if best:
-            mlflow.log_metrics({"best_val_f1": best.val_f1, "best_val_exact_match": best.val_exact_match})
+        mlflow.log_metrics(
+            {"trial_wall_seconds": seconds, "trial_peak_rss_mb": peak_mb, "steps_run": attrs["steps_run"]}
+        )
         mlflow.set_tag("optuna.state", state.name)
-        mlflow.end_run("FINISHED" if state != TrialState.FAIL else "FAILED")
+        # a pruned trial was stopped before its budget: KILLED in MLflow's terms, with optuna.state saying why
+        mlflow.end_run({TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}.get(state, "FAILED"))
         self.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
         shown = f"val F1 {value:.2f}" if value is not None else state.name.lower()
         print(f"trial {trial.number} {point.key}: {shown} in {seconds:.0f}s (worker {self.worker})")
 
 
 def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
+    """Optuna's pruner over training steps; the rungs (`rung_steps`) are where trials report."""
     p = cfg.search.pruner
-    if p.name == "none":
-        return optuna.pruners.NopPruner()
-    return optuna.pruners.MedianPruner(n_startup_trials=p.startup_trials, n_warmup_steps=p.warmup_epochs)
+    if p.name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=p.min_steps, reduction_factor=p.reduction_factor)
+    if p.name == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=p.min_steps, max_resource=cfg.search.trial.max_steps, reduction_factor=p.reduction_factor
+        )
+    if p.name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=p.startup_trials, n_warmup_steps=p.min_steps - 1)
+    return optuna.pruners.NopPruner()
 
 
 def worker_main(ctx: SearchContext, num_threads: int | None) -> None:

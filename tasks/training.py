@@ -9,7 +9,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from tasks.modeling import PreparedModel, load_trainable_state, trainable_state
 from tasks.passes import attention_kernel, length_sorted_passes
 from tasks.qa_loss import span_loss
 from tasks.spans import answer_texts, best_spans
-from tasks.squad_metrics import score
+from tasks.squad_metrics import per_question_scores, score
 
 
 @dataclass
@@ -121,12 +121,22 @@ def run_fingerprint(cfg: Config) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def score_answers(records: list[Record], feats: Features, starts, ends, cfg: Config) -> dict[str, float]:
+def _answers(records: list[Record], feats: Features, starts, ends, cfg: Config) -> tuple[dict[str, str], str]:
     e = cfg.eval
     answers = best_spans(records, feats, starts, ends, e.max_answer_length, e.n_best, e.span_scoring)
     version = "2.0" if any(r["is_impossible"] for r in records) else "1.1"
     texts = answer_texts(answers, version, e.no_answer_threshold)
-    return score(records, {r["id"]: t for r, t in zip(records, texts, strict=True)}, version)
+    return {r["id"]: t for r, t in zip(records, texts, strict=True)}, version
+
+
+def score_answers(records: list[Record], feats: Features, starts, ends, cfg: Config) -> dict[str, float]:
+    return score(records, *_answers(records, feats, starts, ends, cfg))
+
+
+def per_question_f1(records: list[Record], feats: Features, starts, ends, cfg: Config) -> dict[str, float]:
+    """Question id -> F1 in percent (the mean is `score_answers`' F1): what a paired bootstrap resamples."""
+    scores = per_question_scores(records, *_answers(records, feats, starts, ends, cfg))
+    return {qid: 100.0 * f1 for qid, (_, f1) in scores.items()}
 
 
 def selection_score(stats: EpochStats, select_by: str) -> float | None:
@@ -159,7 +169,13 @@ def train_model(
     ckpt_dir: Path,
     resume: bool = False,
     on_epoch: Callable[[EpochStats], None] | None = None,
+    on_eval: Callable[[EpochStats, dict[str, float]], None] | None = None,
+    eval_steps: Collection[int] | None = None,
 ) -> TrainResult:
+    """Train `prepared.model`. With a validation split it is scored at every epoch's end (`on_epoch`) and
+    after the optimizer steps in `eval_steps` (default: every `train.eval_every_steps`); `on_eval` gets each
+    of these scores with the per-question F1 behind it (the search's pruner watches them). A callback may
+    raise to stop the run."""
     tc = cfg.train
     set_seed(tc.seed)
     if tc.num_threads:
@@ -218,13 +234,32 @@ def train_model(
             result.stopped_early = state["epoch"] < tc.epochs
         print(f"resumed from {ckpt} (epoch {state['epoch']} done)")
 
+    per_question: dict[str, float] = {}
+
+    def validate() -> tuple[float | None, float | None, float | None]:
+        if not len(val_feats):
+            return None, None, None
+        starts, ends, val_loss = run_model(
+            model, val_feats, cfg.eval.batch_size, precision, pad_id, with_loss=True, workers=cfg.eval.workers
+        )
+        metrics = score_answers(val_records, val_feats, starts, ends, cfg)
+        if on_eval:
+            per_question.clear()
+            per_question.update(per_question_f1(val_records, val_feats, starts, ends, cfg))
+        return val_loss, metrics["exact_match"], metrics["f1"]
+
+    def is_eval_step(step: int) -> bool:
+        if eval_steps is not None:
+            return step in eval_steps
+        return bool(tc.eval_every_steps) and step % tc.eval_every_steps == 0
+
     model.train()
     for epoch in range(start_epoch, tc.epochs + 1):
         if tc.max_steps and result.steps >= tc.max_steps:
             break
         t0 = time.perf_counter()
         batches = epoch_batches(train_feats.lengths(), tc, epoch)
-        loss_sum, seen = 0.0, 0
+        loss_sum, seen, mid_eval_seconds = 0.0, 0, 0.0  # validation inside the epoch is not training time
         # in a log file (Prefect, DVC, CI) a line every 30 s instead of a redraw per batch
         interval = 0.1 if sys.stderr.isatty() else 30.0
         bar = tqdm(batches, desc=f"epoch {epoch}/{tc.epochs}", unit="batch", leave=False, mininterval=interval)
@@ -242,18 +277,21 @@ def train_model(
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}", refresh=False)
                 if tc.max_steps and result.steps >= tc.max_steps:
                     break
+                if len(val_feats) and is_eval_step(result.steps) and k + 1 < len(batches):
+                    v0 = time.perf_counter()
+                    val_loss, val_em, val_f1 = validate()
+                    mid_eval_seconds += time.perf_counter() - v0
+                    elapsed = result.train_seconds + time.perf_counter() - t0 - mid_eval_seconds
+                    stats = EpochStats(epoch, result.steps, loss_sum / seen, val_loss, val_em, val_f1, elapsed)
+                    print(f"step {result.steps}: val F1 {val_f1:.2f}" if val_f1 is not None else f"step {result.steps}")
+                    if on_eval:
+                        on_eval(stats, per_question)
         bar.close()
-        train_time = time.perf_counter() - t0
+        train_time = time.perf_counter() - t0 - mid_eval_seconds
         result.train_seconds += train_time
         result.train_examples += seen
 
-        val_loss = val_em = val_f1 = None
-        if len(val_feats):
-            starts, ends, val_loss = run_model(
-                model, val_feats, cfg.eval.batch_size, precision, pad_id, with_loss=True, workers=cfg.eval.workers
-            )
-            metrics = score_answers(val_records, val_feats, starts, ends, cfg)
-            val_em, val_f1 = metrics["exact_match"], metrics["f1"]
+        val_loss, val_em, val_f1 = validate()
         stats = EpochStats(epoch, result.steps, loss_sum / max(seen, 1), val_loss, val_em, val_f1, train_time)
         result.history.append(stats)
         print(
@@ -263,6 +301,8 @@ def train_model(
         )
         if on_epoch:
             on_epoch(stats)
+        if on_eval and val_f1 is not None:
+            on_eval(stats, per_question)
 
         if val_loss is not None:  # early stopping watches the validation loss
             bad_epochs = 0 if val_loss < best_loss - 1e-4 else bad_epochs + 1

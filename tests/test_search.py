@@ -71,7 +71,8 @@ def project(tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch) ->
         "eval": {"batch_size": 16},
         "search": {
             "space": {"chunk_length": [48, 64], "overlap": [8, 32], "lora_rank": [2, 4]},
-            "trial": {"train_questions": 16, "epochs": 2},
+            "trial": {"train_questions": 16, "val_questions": None, "epochs": 2, "max_steps": None},
+            "pruner": {"min_steps": 2},  # rungs at steps 2, 4, 8, then the trial's last step
             "heartbeat_seconds": 2,
         },
     }
@@ -155,9 +156,27 @@ def test_search_trains_each_valid_point_once_skips_invalid_ones_and_nests_runs(p
     for t in study.trials:
         run = by_trial[t.number]
         assert run.data.params["chunk_length"] == str(t.params["chunk_length"])
-        assert run.data.metrics["duration_seconds"] > 0 and run.data.metrics["peak_rss_mb"] > 50
+        assert run.data.metrics["trial_wall_seconds"] > 0 and run.data.metrics["trial_peak_rss_mb"] > 50
         history = client.get_metric_history(run.info.run_id, "val_f1")
-        assert [m.step for m in history] == list(range(1, t.user_attrs["epochs_run"] + 1))
+        scored_at = [int(k) for k in t.user_attrs["val_f1_by_step"]]
+        assert [m.step for m in history] == scored_at  # every rung reached, in MLflow and in Optuna
+        assert scored_at[0] == 2 and sorted(t.intermediate_values) == scored_at
+        budget = t.user_attrs["budget_steps"]
+        if t.state == TrialState.COMPLETE:
+            assert scored_at[-1] == budget and run.info.status == "FINISHED"
+        else:  # pruned at a rung before its budget, never at its last step
+            assert scored_at[-1] < budget and run.info.status == "KILLED"
+        per_question = t.user_attrs["val_f1_per_question"]
+        assert sorted(map(int, per_question)) == scored_at
+        assert sum(per_question[str(scored_at[-1])]) / len(per_question["2"]) == pytest.approx(
+            t.user_attrs["val_f1_by_step"][str(scored_at[-1])], abs=0.01
+        )
+
+    # the summary weighs the best point's lead against the noise of the validation scores
+    lead = summary["lead"]
+    assert lead["runner_up"] != summary["best_point"] and lead["lead_low"] <= lead["lead_f1"] <= lead["lead_high"]
+    assert lead["separated"] == (lead["lead_low"] > 0) and lead["best_f1_bootstrap_sd"] >= 0
+    assert summary["best_point"] in lead["verdict"] and lead["runner_up"] in lead["verdict"]
 
     # a second run of the same search trains nothing and chooses the same point
     again = tune_stage(cfg)
@@ -244,13 +263,12 @@ def test_two_worker_processes_never_repeat_a_point_and_a_killed_one_is_failed(
     assert len(study.trials) == len(VALID) + len(failed)
 
 
-def test_saved_time_of_a_pruned_trial_is_its_missing_epochs() -> None:
+def test_saved_time_of_a_pruned_trial_is_its_missing_steps() -> None:
     from optuna.distributions import CategoricalDistribution
     from optuna.trial import create_trial
 
     from tasks.search import trial_rows
 
-    cfg = load_config(None, ["search.trial.epochs=4"])
     study = optuna.create_study(direction="maximize")
     dists = {
         "chunk_length": CategoricalDistribution([64]),
@@ -262,13 +280,31 @@ def test_saved_time_of_a_pruned_trial_is_its_missing_epochs() -> None:
             state=TrialState.PRUNED,
             params={"chunk_length": 64, "overlap": 8, "lora_rank": 2},
             distributions=dists,
-            intermediate_values={1: 10.0},
-            user_attrs={"point": "c64-o8-r2", "epoch_seconds": [3.0], "last_val_f1": 10.0, "epochs_run": 1},
+            intermediate_values={25: 10.0},
+            user_attrs={
+                "point": "c64-o8-r2",
+                "steps_run": 25,
+                "budget_steps": 100,
+                "train_seconds": 30.0,
+                "last_val_f1": 10.0,
+            },
         )
     )
-    (row,) = trial_rows(study, cfg, {})
-    assert row["state"] == "pruned" and row["saved_seconds"] == pytest.approx(9.0)
-    assert row["val_f1"] == 10.0 and row["note"] == "pruned after epoch 1"
+    (row,) = trial_rows(study, {})
+    assert row["state"] == "pruned" and row["saved_seconds"] == pytest.approx(90.0)  # 75 steps at 1.2 s
+    assert row["val_f1"] == 10.0 and row["note"] == "pruned at step 25 of 100"
+
+
+def test_rungs_are_geometric_below_the_budget_and_end_at_it() -> None:
+    from tasks.search_worker import rung_steps, trial_steps
+
+    cfg = load_config(None, ["search.pruner.min_steps=25", "search.pruner.reduction_factor=2"])
+    assert rung_steps(cfg, 100) == [25, 50, 100]
+    assert rung_steps(cfg, 90) == [25, 50, 90]
+    assert rung_steps(cfg, 10) == [10]
+    capped = cfg.with_values({"search.trial.max_steps": 100, "search.trial.epochs": 3})
+    assert trial_steps(capped, 16 * 40) == 100
+    assert trial_steps(capped.with_values({"search.trial.max_steps": None}), 16 * 40 + 1) == 3 * 41
 
 
 def test_the_study_name_changes_with_what_trials_depend_on_only(project: Path) -> None:
