@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import gzip
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from tasks.data import (
     load_hub_dataset,
     load_squad_json,
     read_jsonl,
+    sample_articles,
     split_by_article,
     validate,
     write_jsonl_atomic,
@@ -110,6 +113,9 @@ def test_tiny_doc_is_valid(tmp_path: Path) -> None:
         ("train-v1.1-head.json", "1.1", 3807, 0, 11),
         ("dev-v1.1-head.json", "1.1", 705, 0, 5),
         ("dev-v2.0-head.json", "2.0", 1407, 702, 5),
+        ("train-v1.1.json.gz", "1.1", 87599, 0, 442),
+        ("dev-v1.1.json.gz", "1.1", 10570, 0, 48),
+        ("dev-v2.0.json.gz", "2.0", 11873, 5945, 35),
     ],
 )
 def test_real_squad_files(name: str, version: str, n_questions: int, n_impossible: int, n_articles: int) -> None:
@@ -127,6 +133,65 @@ def test_real_squad_files(name: str, version: str, n_questions: int, n_impossibl
 
 
 # ----------------------------------------------------------------- bad inputs
+
+
+def test_whole_train_set_loads_and_validates_in_seconds() -> None:
+    path = SQUAD_DIR / "train-v1.1.json.gz"
+    t0 = time.perf_counter()
+    records, _ = ingest(str(path))
+    validate(records, str(path))
+    assert len(records) == 87599
+    assert time.perf_counter() - t0 < 30  # 2 s on the 2-core development CPU; minutes would be a regression
+
+
+def test_gzipped_file_reads_like_the_plain_one(tmp_path: Path) -> None:
+    path = tmp_path / "ok.json.gz"
+    path.write_bytes(gzip.compress(json.dumps(tiny()).encode()))
+    assert ingest(str(path)) == load_squad_json(write_doc(tmp_path, tiny(), "ok.json"))
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (gzip.compress(json.dumps(TINY).encode())[:-20], "not a readable gzip file"),  # cut short in transit
+        (b"{not gzip at all}", "not a readable gzip file"),
+        (gzip.compress(b"version,data\n1.1,none\n"), "malformed JSON at line 1"),  # a gzip of a CSV
+        (gzip.compress(b"\xff\xfe{}"), "not valid UTF-8"),
+    ],
+)
+def test_bad_gzip_names_the_file_and_the_problem(tmp_path: Path, payload: bytes, reason: str) -> None:
+    path = tmp_path / "train.json.gz"
+    path.write_bytes(payload)
+    with pytest.raises(DataValidationError, match=reason) as exc:
+        ingest(str(path))
+    assert str(path) in str(exc.value)
+
+
+def test_bad_gzip_stops_prepare_before_anything_is_written(tmp_path: Path) -> None:
+    from spanflow.config import DataConfig
+    from tasks.prepare import check, load, split_and_write, version_info
+
+    good = write_doc(tmp_path, tiny(), "dev.json")
+    bad = tmp_path / "train.json.gz"
+    bad.write_bytes(gzip.compress(json.dumps(TINY).encode())[:-20])
+    out = tmp_path / "prepared"
+    with pytest.raises(DataValidationError, match="train.json.gz"):
+        train, dev = check(load(str(bad), "train", None, None)), check(load(str(good), "train", None, None))
+        split_and_write(train, dev, DataConfig(), version_info(train, dev), out)
+    assert not out.exists()
+
+
+def test_sample_articles_takes_whole_articles_seeded() -> None:
+    records = [record(f"{t}-{i}", t) for t in "abcdefghij" for i in range(3)]
+    sample = sample_articles(records, 4, seed=1)
+    titles = {r["title"] for r in sample}
+    assert len(titles) == 4 and len(sample) == 12  # every question of each sampled article
+    assert sample == [r for r in records if r["title"] in titles]  # input order kept
+    assert sample_articles(records, 4, seed=1) == sample
+    assert {r["title"] for r in sample_articles(records, 4, seed=2)} != titles
+    assert sample_articles(records, None, seed=1) == records == sample_articles(records, 99, seed=1)
+    with pytest.raises(ValueError, match=">= 1"):
+        sample_articles(records, 0, seed=1)
 
 
 def test_malformed_json_names_file_and_line(tmp_path: Path) -> None:
