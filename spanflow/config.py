@@ -29,7 +29,7 @@ class DataConfig:
     dev_split: str = "validation"
     hub_config: str | None = None  # dataset config name for the Hub, if any
     val_fraction: float = 0.1  # share of training articles held out for validation
-    train_articles: int | None = 25  # seeded sample of this many articles of `train`, before the split (None = all)
+    train_articles: int | None = 22  # seeded sample of this many articles of `train`, before the split (None = all)
     train_limit: int | None = None  # first N training questions (None = all)
     dev_limit: int | None = None  # first N dev questions (None = all)
     seed: int = 42
@@ -144,9 +144,9 @@ class ScheduleConfig:
 class SearchSpaceConfig:
     """The grid: every combination is one point (invalid ones are skipped with a reason)."""
 
-    chunk_length: list[int] = field(default_factory=lambda: [128, 256])
+    chunk_length: list[int] = field(default_factory=lambda: [192, 256])
     overlap: list[int] = field(default_factory=lambda: [32, 64])
-    lora_rank: list[int] = field(default_factory=lambda: [8, 16])
+    lora_rank: list[int] = field(default_factory=lambda: [16])
 
 
 @dataclass
@@ -156,7 +156,7 @@ class TrialConfig:
     train_questions: int | None = 1500  # None = the whole training split
     val_questions: int | None = 300  # seeded sample of the validation split every trial is scored on (None = all)
     epochs: int = 1
-    max_steps: int | None = 80  # optimizer steps per trial (None: epochs x the sample's batches)
+    max_steps: int | None = 100  # optimizer steps per trial (None: epochs x the sample's batches)
 
 
 PRUNERS = ("successive_halving", "hyperband", "median", "none")
@@ -167,7 +167,7 @@ class PrunerConfig:
     """Multi-fidelity pruning over training steps: trials are scored at rungs of min_steps x factor^k steps."""
 
     name: str = "successive_halving"  # successive_halving | hyperband | median | none
-    min_steps: int = 40  # the first rung: steps every trial runs before it can be pruned
+    min_steps: int = 50  # the first rung: steps every trial runs before it can be pruned
     reduction_factor: int = 2  # successive halving / hyperband: 1/factor of a rung's trials go on
     startup_trials: int = 2  # median: finished trials before any pruning
 

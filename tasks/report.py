@@ -26,15 +26,15 @@ PREDICTIONS_FILE = RESULTS / "predictions.json"
 def leaderboard_scores(
     leaderboard_dir: Path, records: list[dict], version: str, ours: dict[str, str], name: str
 ) -> tuple[list[dict], list[tuple[str, float, float]]]:
-    """The official leaderboard predictions of this SQuAD version, and ours, scored on the questions they
-    cover (the 705 / 1,407 head questions); ([], []) when the dev set does not hold those questions."""
-    by_id = {r["id"]: r for r in records}
+    """The official leaderboard predictions of this SQuAD version, and ours, scored on the questions both
+    cover: the 705 / 1,407 head questions, or the dev slice when it lies inside them. ([], []) when the
+    leaderboard covers neither."""
     rows, covered = [], []
     for path in sorted(leaderboard_dir.glob(f"v{version}--*.json")):
         predictions = json.loads(path.read_text())
-        subset = [by_id[q] for q in predictions if q in by_id]
-        if len(subset) != len(predictions):
-            continue  # predictions for questions this dev set does not have: not comparable
+        subset = [r for r in records if r["id"] in predictions]
+        if len(subset) not in (len(records), len(predictions)):
+            continue  # neither covers the other: not comparable
         s = score(subset, predictions, version)
         rows.append((path.stem.split("--", 1)[1].replace("_", " "), s["exact_match"], s["f1"]))
         covered = subset

@@ -3,6 +3,7 @@ real MLflow (SQLite store + ./mlruns), real DVC (`dvc repro` in a fresh git repo
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -101,7 +102,7 @@ def test_qa_pipeline_flow_lands_in_mlflow_prefect_and_registry(project: Path, pr
         [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{search['mlflow_parent_run_id']}'"
     )
     assert len(children) == 3
-    md5 = hashlib.md5((project / "data/squad/train-v1.1-head.json").read_bytes()).hexdigest()
+    md5 = hashlib.md5((project / "data/squad/train-v1.1.json.gz").read_bytes()).hexdigest()
     assert run.data.tags["data.train.dvc_md5"] == md5
     assert len(run.data.tags["data.train.content_sha256"]) == 64
     assert run.data.tags["git_commit"]
@@ -178,15 +179,30 @@ def test_dvc_repro_runs_the_stages_and_reruns_only_what_changed(project: Path, p
     assert _dvc(project, "status", env=env).strip().endswith("Data and pipelines are up to date.")
 
 
-def test_bad_input_stops_the_flow_and_writes_nothing(project: Path, prefect_server: str) -> None:
-    from flows.stages import prepare_flow
-    from tasks.data import DataValidationError
-
+def _bad_offset(project: Path) -> tuple[str, bytes, list[str]]:
     squad = json.loads((project / "data/squad/train-v1.1-head.json").read_text())
     qa = squad["data"][3]["paragraphs"][2]["qas"][1]
     qa["answers"][0]["answer_start"] += 7
-    bad = project / "data/squad/bad-train.json"
-    bad.write_text(json.dumps(squad))
+    return "bad-train.json", json.dumps(squad).encode(), [qa["id"], "answer_start"]
+
+
+def _truncated_gzip(project: Path) -> tuple[str, bytes, list[str]]:
+    whole = (project / "data/squad/train-v1.1.json.gz").read_bytes()
+    return "bad-train.json.gz", whole[: len(whole) // 2], ["not a readable gzip file"]
+
+
+def _gzip_of_text(project: Path) -> tuple[str, bytes, list[str]]:
+    return "bad-train.json.gz", gzip.compress(b"title,context\nNormans,Normandy\n"), ["malformed JSON at line 1"]
+
+
+@pytest.mark.parametrize("make_bad", [_bad_offset, _truncated_gzip, _gzip_of_text])
+def test_bad_input_stops_the_flow_and_writes_nothing(project: Path, prefect_server: str, make_bad) -> None:
+    from flows.stages import prepare_flow
+    from tasks.data import DataValidationError
+
+    name, payload, named = make_bad(project)
+    bad = project / "data/squad" / name
+    bad.write_bytes(payload)
     # an earlier good result must survive a rejected input
     prepare_flow(params="params.yaml")
     before = {p.name: p.read_bytes() for p in (project / "data/prepared").iterdir()}
@@ -194,7 +210,7 @@ def test_bad_input_stops_the_flow_and_writes_nothing(project: Path, prefect_serv
     with pytest.raises(DataValidationError) as err:
         prepare_flow(params="params.yaml", overrides=[f"data.train={bad}", "data.train_limit=null"])
     message = str(err.value)
-    assert "bad-train.json" in message and qa["id"] in message and "answer_start" in message
+    assert name in message and all(n in message for n in named), message
     assert {p.name: p.read_bytes() for p in (project / "data/prepared").iterdir()} == before
 
 
