@@ -274,11 +274,12 @@ class SearchWorker:
     ) -> None:
         """Record the outcome in Optuna (user attrs, state) and close the nested MLflow run."""
         last = history[-1] if history else None
+        epoch_seconds = {h.epoch: h.seconds for h in history}  # each epoch's last score: its training time so far
         attrs = {
             "seconds": round(seconds, 2),
             "peak_rss_mb": round(peak_mb, 1),
             "steps_run": last.step if last else 0,
-            "train_seconds": round(last.seconds, 2) if last else None,  # training only, validation excluded
+            "train_seconds": round(sum(epoch_seconds.values()), 2),  # training only, validation excluded
             "val_f1_by_step": {str(h.step): h.val_f1 for h in history},
             "val_f1_per_question": {str(k): v for k, v in per_question.items()},
             "val_exact_match": last.val_exact_match if last else None,

@@ -281,7 +281,7 @@ def train_model(
                     v0 = time.perf_counter()
                     val_loss, val_em, val_f1 = validate()
                     mid_eval_seconds += time.perf_counter() - v0
-                    elapsed = result.train_seconds + time.perf_counter() - t0 - mid_eval_seconds
+                    elapsed = time.perf_counter() - t0 - mid_eval_seconds  # this epoch's training so far
                     stats = EpochStats(epoch, result.steps, loss_sum / seen, val_loss, val_em, val_f1, elapsed)
                     print(f"step {result.steps}: val F1 {val_f1:.2f}" if val_f1 is not None else f"step {result.steps}")
                     if on_eval:
