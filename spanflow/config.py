@@ -71,7 +71,7 @@ class MethodConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 2
+    epochs: int = 1
     batch_size: int = 16
     grad_accum_steps: int = 1
     learning_rate: float = 1e-3
