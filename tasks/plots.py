@@ -43,18 +43,22 @@ def learning_curves(history: list[dict], path: Path) -> Path:
 
 def search_heatmaps(rows: list[dict], path: Path, best_point: str | None = None, lead: dict | None = None) -> Path:
     """Validation F1 (top) and EM (bottom) over chunk length x overlap, one column per LoRA rank, one colour
-    scale per row. A pruned trial shows the score at the rung where it stopped ("p@step"); the chosen point is
-    framed in red, and the title says whether its lead over the runner-up is more than noise."""
+    scale per row over the complete trials. A pruned trial, scored at a lower fidelity, is left uncoloured with
+    the score of the rung where it stopped; the chosen point is framed in red, and the title says whether its
+    lead over the runner-up is more than noise."""
     import numpy as np
     from matplotlib.patches import Rectangle
 
     chunks = sorted({r["chunk_length"] for r in rows})
     overlaps = sorted({r["overlap"] for r in rows})
     ranks = sorted({r["lora_rank"] for r in rows})
-    fig, axes = plt.subplots(2, len(ranks), figsize=(3.6 * len(ranks) + 1.2, 7.0), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(2, len(ranks), figsize=(max(6.5, 3.6 * len(ranks) + 1.2), 7.4), squeeze=False, layout="constrained")
     for row_i, (metric, label) in enumerate((("val_f1", "validation F1"), ("val_exact_match", "validation EM"))):
-        scored = [r[metric] for r in rows if r["state"] in ("complete", "pruned") and r.get(metric) is not None]
+        scored = [r[metric] for r in rows if r["state"] == "complete" and r.get(metric) is not None]
         low, high = (min(scored), max(scored)) if scored else (0.0, 1.0)
+        if lead and metric == "val_f1":  # a colour step no smaller than the noise: a tie looks like one
+            half = max((high - low) / 2, 2 * lead["best_f1_bootstrap_sd"])
+            low, high = (low + high) / 2 - half, (low + high) / 2 + half
         for col, rank in enumerate(ranks):
             ax = axes[row_i][col]
             grid = np.full((len(overlaps), len(chunks)), np.nan)
@@ -63,10 +67,11 @@ def search_heatmaps(rows: list[dict], path: Path, best_point: str | None = None,
                 if r["lora_rank"] != rank:
                     continue
                 cell = (overlaps.index(r["overlap"]), chunks.index(r["chunk_length"]))
-                if r["state"] in ("complete", "pruned") and r.get(metric) is not None:
+                if r["state"] == "pruned" and r.get(metric) is not None:  # a lower fidelity: no colour
+                    notes[cell] = f"pruned\n{r[metric]:.1f} @ step {r.get('steps_run')}"
+                elif r["state"] == "complete" and r.get(metric) is not None:
                     grid[cell] = r[metric]
-                    pruned = f"\np@{r.get('steps_run')}" if r["state"] == "pruned" else ""
-                    notes[cell] = f"{r[metric]:.1f}{pruned}"
+                    notes[cell] = f"{r[metric]:.1f}"
                     if r["point"] == best_point:
                         ax.add_patch(Rectangle((cell[1] - 0.5, cell[0] - 0.5), 1, 1, fill=False, ec="red", lw=3))
                 elif cell not in notes:
@@ -80,9 +85,10 @@ def search_heatmaps(rows: list[dict], path: Path, best_point: str | None = None,
             ax.set_yticks(range(len(overlaps)), overlaps)
             ax.set(xlabel="chunk length", ylabel="overlap", title=f"{label}, LoRA rank {rank}")
         fig.colorbar(image, ax=list(axes[row_i]), fraction=0.046)
-    title = "p@N: pruned at step N (its F1 there)"
+    title = "colour: complete trials at their full budget (F1 scale at least ±2 bootstrap SDs);\n"
+    title += "a pruned trial shows its score at the rung where it stopped"
     if best_point:
-        title = f"chosen: {best_point} (red frame). " + title
+        title = f"chosen: {best_point} (red frame)\n" + title
     if lead:
         lead_text = f"lead over {lead['runner_up']}: {lead['lead_f1']:+.1f} F1 [{lead['lead_low']:+.1f}, "
         lead_text += f"{lead['lead_high']:+.1f}], " + ("more than noise" if lead["separated"] else "within noise")
