@@ -52,7 +52,9 @@ def search_heatmaps(rows: list[dict], path: Path, best_point: str | None = None,
     chunks = sorted({r["chunk_length"] for r in rows})
     overlaps = sorted({r["overlap"] for r in rows})
     ranks = sorted({r["lora_rank"] for r in rows})
-    fig, axes = plt.subplots(2, len(ranks), figsize=(max(6.5, 3.6 * len(ranks) + 1.2), 7.4), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        2, len(ranks), figsize=(max(6.5, 3.6 * len(ranks) + 1.2), 7.4), squeeze=False, layout="constrained"
+    )
     for row_i, (metric, label) in enumerate((("val_f1", "validation F1"), ("val_exact_match", "validation EM"))):
         scored = [r[metric] for r in rows if r["state"] == "complete" and r.get(metric) is not None]
         low, high = (min(scored), max(scored)) if scored else (0.0, 1.0)
