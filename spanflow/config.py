@@ -410,6 +410,17 @@ def _validate_search(cfg: Config) -> None:
 PROFILES_DIR = Path("profiles")
 
 
+def _read_mapping(path: Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (empty file: {})."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return raw
+
+
 def profile_overrides(profile: str) -> list[str]:
     """A profile (`profiles/NAME.yaml`, or a path to a YAML file) as `--set` overrides: its keys replace
     params.yaml's, and any `--set` given after it wins over both."""
@@ -417,12 +428,7 @@ def profile_overrides(profile: str) -> list[str]:
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))) or "none"
         raise ConfigError(f"profile {profile!r}: {path} not found (profiles: {known})")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = _read_mapping(path)
     out: list[str] = []
 
     def walk(prefix: str, node: Any) -> None:
@@ -444,12 +450,7 @@ def load_config(path: str | Path | None = DEFAULT_PARAMS, overrides: list[str] |
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: params file not found")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+        raw = _read_mapping(path)
     for assignment in overrides or []:
         _apply_override(raw, assignment)
     cfg = _build(Config, raw)

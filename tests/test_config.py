@@ -298,3 +298,34 @@ def test_relative_sqlite_urls_name_a_file_in_the_current_directory(
     assert cfg.search_storage == f"sqlite:///{tmp_path.resolve() / 'optuna.db'}"
     other = load_config(None, ["tracking.tracking_uri=http://mlflow.internal:5000"])
     assert other.tracking_uri == "http://mlflow.internal:5000"
+
+
+# --------------------------------------------------------------------------- profiles
+
+
+def test_the_full_profile_is_overrides_that_a_later_set_still_beats() -> None:
+    from spanflow.config import profile_overrides
+
+    overrides = profile_overrides("full")
+    assert "data.dev=data/squad/dev-v1.1.json.gz" in overrides and "data.train_articles=null" in overrides
+    cfg = load_config("params.yaml", overrides)
+    assert cfg.data.train_articles is None and cfg.search.space.chunk_length == [128, 192, 256, 384]
+    assert cfg.search.space.overlap == [32, 64, 128] and cfg.search.space.lora_rank == [4, 8, 16]
+    assert cfg.tracking == load_config("params.yaml").tracking  # what the profile does not name stays
+    later = load_config("params.yaml", [*overrides, "search.trial.max_steps=60"])
+    assert later.search.trial.max_steps == 60
+
+
+def test_an_unknown_or_broken_profile_is_named(tmp_path: Path) -> None:
+    from spanflow.config import profile_overrides
+
+    with pytest.raises(ConfigError, match=r"profile 'nope'.*profiles/nope\.yaml not found.*full"):
+        profile_overrides("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="bad.yaml: expected a mapping"):
+        profile_overrides(str(bad))
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("search:\n  trial:\n    max_stepz: 3\n")
+    with pytest.raises(ConfigError, match="search.trial.max_stepz"):
+        load_config("params.yaml", profile_overrides(str(typo)))
