@@ -22,7 +22,7 @@ def _scores_at(trial: dict[str, Any], step: int) -> list[float] | None:
 
 
 def best_lead(trials: list[dict[str, Any]], seed: int = 0) -> dict[str, Any] | None:
-    """`trials`: dicts with point, state, per_question ({step: [F1 per question]}), best first by the
+    """`trials`: dicts with point and per_question ({step: [F1 per question]}), best first by the
     search's ranking (complete trials, by final F1). The runner-up is the best other trial at the largest
     step it shares with the best one, so a pruned trial is compared at the rung where it stopped.
     None when fewer than two trials were scored."""

@@ -254,10 +254,7 @@ def lead_of_best(study: optuna.Study, rows: list[dict], best: dict | None, seed:
     attrs = {t.number: t.user_attrs for t in study.get_trials(deepcopy=False)}
     scored = [r for r in rows if r["state"] in ("complete", "pruned") and r["trial"] != best["trial"]]
     ranked = [best, *sorted(scored, key=lambda r: (-(r["steps_run"] or 0), -(r["val_f1"] or 0)))]
-    trials = [
-        {"point": r["point"], "state": r["state"], "per_question": attrs[r["trial"]].get("val_f1_per_question", {})}
-        for r in ranked
-    ]
+    trials = [{"point": r["point"], "per_question": attrs[r["trial"]].get("val_f1_per_question", {})} for r in ranked]
     return best_lead(trials, seed)
 
 
@@ -331,7 +328,7 @@ def _log_parent(cfg: Config, run_id: str, summary: dict, storage_url: str, faile
         mlflow.set_tags({"optuna.storage": redact(storage_url), **prefect_tags()})
         numbers = {k: float(v) for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         lead = summary["lead"] or {}
-        numbers |= {f"lead_{k.removeprefix('lead_')}": v for k, v in lead.items() if k.startswith("lead_")}
+        numbers |= {k: v for k, v in lead.items() if k.startswith("lead_")}
         mlflow.log_metrics(numbers)
         if lead:
             mlflow.set_tags({"search.separated": str(lead["separated"]), "search.verdict": lead["verdict"]})

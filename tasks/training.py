@@ -129,14 +129,14 @@ def _answers(records: list[Record], feats: Features, starts, ends, cfg: Config) 
     return {r["id"]: t for r, t in zip(records, texts, strict=True)}, version
 
 
-def score_answers(records: list[Record], feats: Features, starts, ends, cfg: Config) -> dict[str, float]:
-    return score(records, *_answers(records, feats, starts, ends, cfg))
-
-
-def per_question_f1(records: list[Record], feats: Features, starts, ends, cfg: Config) -> dict[str, float]:
-    """Question id -> F1 in percent (the mean is `score_answers`' F1): what a paired bootstrap resamples."""
-    scores = per_question_scores(records, *_answers(records, feats, starts, ends, cfg))
-    return {qid: 100.0 * f1 for qid, (_, f1) in scores.items()}
+def score_answers(
+    records: list[Record], feats: Features, starts, ends, cfg: Config
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Official scores of the decoded answers, and question id -> F1 in percent (whose mean is the F1):
+    what a paired bootstrap resamples. The spans are decoded once for both."""
+    predictions, version = _answers(records, feats, starts, ends, cfg)
+    per_question = per_question_scores(records, predictions, version)
+    return score(records, predictions, version), {qid: 100.0 * f1 for qid, (_, f1) in per_question.items()}
 
 
 def selection_score(stats: EpochStats, select_by: str) -> float | None:
@@ -242,10 +242,9 @@ def train_model(
         starts, ends, val_loss = run_model(
             model, val_feats, cfg.eval.batch_size, precision, pad_id, with_loss=True, workers=cfg.eval.workers
         )
-        metrics = score_answers(val_records, val_feats, starts, ends, cfg)
-        if on_eval:
-            per_question.clear()
-            per_question.update(per_question_f1(val_records, val_feats, starts, ends, cfg))
+        metrics, f1_by_question = score_answers(val_records, val_feats, starts, ends, cfg)
+        per_question.clear()
+        per_question.update(f1_by_question)
         return val_loss, metrics["exact_match"], metrics["f1"]
 
     def is_eval_step(step: int) -> bool:

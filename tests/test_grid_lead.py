@@ -9,7 +9,7 @@ from tasks.grid_lead import best_lead
 
 
 def _trial(point: str, scores_by_step: dict[int, np.ndarray]) -> dict:
-    return {"point": point, "state": "complete", "per_question": {str(k): list(v) for k, v in scores_by_step.items()}}
+    return {"point": point, "per_question": {str(k): list(v) for k, v in scores_by_step.items()}}
 
 
 def test_a_clear_lead_is_separated_and_a_tie_is_not() -> None:
@@ -32,7 +32,7 @@ def test_a_clear_lead_is_separated_and_a_tie_is_not() -> None:
 def test_a_pruned_runner_up_is_compared_at_the_rung_where_it_stopped() -> None:
     good, poor = np.full(50, 60.0), np.full(50, 20.0)
     best = _trial("A", {50: good, 100: good + 10})
-    pruned = {**_trial("B", {50: poor}), "state": "pruned"}
+    pruned = _trial("B", {50: poor})  # stopped at its first rung
     lead = best_lead([best, pruned])
     assert lead["at_step"] == 50 and lead["lead_f1"] == pytest.approx(40.0) and lead["separated"]
 
