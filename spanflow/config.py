@@ -74,7 +74,7 @@ class TrainConfig:
     epochs: int = 1
     batch_size: int = 16
     grad_accum_steps: int = 1
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
@@ -93,6 +93,7 @@ class TrainConfig:
     seed: int = 42
     num_threads: int | None = None  # torch intra-op threads (None = torch default)
     include_validation: bool = True  # final model on training + validation articles (no per-epoch validation)
+    warm_start: bool = True  # final model starts from the search's best trial (LoRA + QA head), not the seed
 
 
 @dataclass

@@ -6,3 +6,4 @@ PREPARED = Path("data/prepared")  # train/val/dev records + version.json
 FEATURES = Path("data/features")  # tokenized chunks of train and val
 MODEL = Path("models/final")  # hf/ (merged model + tokenizer), checkpoints/, run.json, train.json
 RESULTS = Path("results")  # predictions.json, metrics.json, history.csv, plots, registered.json
+SEARCH_MODEL = Path("models/search")  # best_trial.safetensors: the search's best trial, the final model's start

@@ -47,6 +47,7 @@ from tasks.search_worker import (
     worker_main,
 )
 from tasks.tracking import git_commit, prefect_tags, setup_mlflow
+from tasks.warm_start import fetch_best_trial_weights
 
 SEARCH_DIR = RESULTS / "search"
 TRIALS_FILE = SEARCH_DIR / "trials.csv"
@@ -343,7 +344,8 @@ def tune_stage(cfg: Config, workers: int | None = None) -> dict[str, Any]:
     """Run (or resume) the grid search; write best_params.yaml; raise SearchIncomplete on failed points."""
     if not cfg.search.enabled:
         params = {dotted: cfg.get(dotted) for dotted in SEARCHED_KEYS.values()}
-        write_best_params(params, {"source": "params.yaml (search.enabled is false)"})
+        write_best_params(params, {"source": "params.yaml (search.enabled is false)", "warm_start": None})
+        fetch_best_trial_weights(None)  # no trial to start from: models/search/ left empty
         return {"best_params": params, "study": None}
 
     t0 = time.perf_counter()
@@ -377,6 +379,8 @@ def tune_stage(cfg: Config, workers: int | None = None) -> dict[str, Any]:
     missing = summary["points_missing"]
     _log_parent(cfg, parent, summary, url, failed=bool(missing))
     if summary["best_params"] and not missing:
+        best_run = study.trials[summary["best_trial"]].user_attrs.get("mlflow_run_id")
+        warm = fetch_best_trial_weights(best_run)
         write_best_params(
             summary["best_params"],
             {
@@ -388,6 +392,8 @@ def tune_stage(cfg: Config, workers: int | None = None) -> dict[str, Any]:
                 "val_f1": summary["best_val_f1"],
                 "val_exact_match": summary["best_val_exact_match"],
                 "mlflow_parent_run_id": parent,
+                "mlflow_run_id": best_run,
+                "warm_start": str(warm) if warm else None,  # the best trial's trained weights
             },
         )
     best_f1 = f"{summary['best_val_f1']:.2f}" if summary["best_val_f1"] is not None else "-"

@@ -35,6 +35,7 @@ from tasks.inference import default_device
 from tasks.modeling import apply_method, load_backbone, load_tokenizer
 from tasks.tracking import setup_mlflow
 from tasks.training import EpochStats, train_model
+from tasks.warm_start import log_trial_weights
 
 
 @dataclass(frozen=True)
@@ -258,6 +259,7 @@ class SearchWorker:
             train_model(
                 prepared, train_feats, val_feats, val_records, cfg, pad_id, Path(ckpt), on_eval=report, eval_steps=rungs
             )
+        log_trial_weights(prepared.model)  # the final model may start from the best trial's
         return history[-1].val_f1
 
     def _finish(

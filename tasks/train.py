@@ -6,6 +6,7 @@ import csv
 import io
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 import mlflow
 import yaml
@@ -26,6 +27,7 @@ from tasks.modeling import apply_method, export_merged, load_backbone, load_toke
 from tasks.plots import learning_curves
 from tasks.tracking import git_commit, load_run_ref, prefect_tags, save_run_ref, setup_mlflow
 from tasks.training import EpochStats, train_model
+from tasks.warm_start import load_warm_start
 
 SUMMARY_FILE = MODEL / "train.json"
 HISTORY_FILE = RESULTS / "history.csv"
@@ -74,6 +76,19 @@ def _search_tags(cfg: Config) -> dict[str, str]:
     return tags
 
 
+def warm_start_file(cfg: Config) -> Path | None:
+    """The best trial's weights the final model starts from (train.warm_start), or None: no search, or the
+    search had none to give (best_params.yaml says which)."""
+    if not (cfg.train.warm_start and cfg.search.enabled):
+        return None
+    name = yaml.safe_load(BEST_PARAMS_FILE.read_text()).get("warm_start")
+    if name is None:
+        return None
+    if not Path(name).is_file():
+        raise FileNotFoundError(f"{BEST_PARAMS_FILE} names warm_start {name}, which is missing; rerun the tune stage")
+    return Path(name)
+
+
 def train_stage(cfg: Config, resume: bool = False) -> dict:
     """Train the final model: params.yaml with the search's best point, on the training articles
     (plus the validation articles when train.include_validation, then without per-epoch validation)."""
@@ -91,8 +106,13 @@ def train_stage(cfg: Config, resume: bool = False) -> dict:
         mlflow.set_tags({**_data_tags(), "git_commit": git_commit(), **prefect_tags(), **_search_tags(cfg)})
         mlflow.log_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config/params.resolved.yaml")
 
-        set_seed(cfg.train.seed)  # the new QA head and the LoRA adapters start from the seed
+        set_seed(cfg.train.seed)  # the new QA head and the LoRA adapters start from the seed ...
         prepared = apply_method(load_backbone(cfg.model), cfg.method)
+        warm = warm_start_file(cfg)
+        if warm is not None:  # ... or from the search's best trial
+            loaded = load_warm_start(prepared.model, warm)
+            print(f"warm start: {loaded} trainable tensors from {warm}")
+            mlflow.set_tag("train.warm_start", str(warm))
         prepared.model.to(default_device())
         print(
             f"method {cfg.method.name}: {prepared.trainable_params:,} of {prepared.total_params:,} parameters trainable"
@@ -118,6 +138,7 @@ def train_stage(cfg: Config, resume: bool = False) -> dict:
         summary = {
             "run_id": run.info.run_id,
             "method": cfg.method.name,
+            "warm_start": str(warm) if warm else None,
             "precision": result.precision,
             "trainable_params": prepared.trainable_params,
             "total_params": prepared.total_params,

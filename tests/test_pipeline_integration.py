@@ -84,8 +84,13 @@ def test_qa_pipeline_flow_lands_in_mlflow_prefect_and_registry(project: Path, pr
     # the search ran first; the final model was trained with its best point on all training articles
     search = out["search"]
     assert search["trials_complete"] + search["trials_pruned"] == 3 and search["points_skipped"] == 1
-    best = yaml.safe_load((project / "results/best_params.yaml").read_text())["params"]
+    best_file = yaml.safe_load((project / "results/best_params.yaml").read_text())
+    best = best_file["params"]
     assert best == search["best_params"]
+    # ... starting from the best trial's weights, which its MLflow run holds
+    assert best_file["warm_start"] == "models/search/best_trial.safetensors"
+    assert (project / best_file["warm_start"]).is_file()
+    assert json.loads((project / "models/final/train.json").read_text())["warm_start"] == best_file["warm_start"]
 
     # MLflow: params, per-epoch metrics, tags, artifacts
     uri = f"sqlite:///{project / 'mlflow.db'}"
@@ -102,6 +107,9 @@ def test_qa_pipeline_flow_lands_in_mlflow_prefect_and_registry(project: Path, pr
         [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{search['mlflow_parent_run_id']}'"
     )
     assert len(children) == 3
+    assert run.data.tags["train.warm_start"] == best_file["warm_start"]
+    best_trial = next(c for c in children if c.info.run_id == best_file["mlflow_run_id"])
+    assert [a.path for a in client.list_artifacts(best_trial.info.run_id, "trial")] == ["trial/trainable.safetensors"]
     md5 = hashlib.md5((project / "data/squad/train-v1.1.json.gz").read_bytes()).hexdigest()
     assert run.data.tags["data.train.dvc_md5"] == md5
     assert len(run.data.tags["data.train.content_sha256"]) == 64

@@ -766,3 +766,32 @@ def test_attention_dropout_on_a_model_without_that_setting_is_refused(tmp_path: 
     refused = r"model\.hidden_dropout: GPT2Config .* set model.hidden_dropout to null"
     with pytest.raises(ValueError, match=refused):
         backbone_config(ModelConfig(name_or_path=str(tmp_path), attention_dropout=None, hidden_dropout=0.0))
+
+
+def test_warm_start_loads_a_trials_weights_and_names_a_mismatch(model_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from tasks.warm_start import load_warm_start
+
+    def lora(rank: int, seed: int) -> PreparedModel:
+        method = MethodConfig(name="lora")
+        method.lora.rank = rank
+        set_seed(seed)
+        return apply_method(load_backbone(ModelConfig(name_or_path=str(model_dir))), method)
+
+    trial, final = lora(4, seed=1), lora(4, seed=2)
+    with torch.no_grad():  # as if trained: LoRA's B starts at zero
+        for p in trial.model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    path = tmp_path / "best_trial.safetensors"
+    save_file({k: v.contiguous() for k, v in trainable_state(trial.model).items()}, str(path))
+    assert load_warm_start(final.model, path) == len(trainable_state(trial.model))
+    for name, value in trainable_state(trial.model).items():
+        assert torch.equal(dict(final.model.named_parameters())[name], value), name
+
+    with pytest.raises(ValueError, match="has shape .* rerun the tune stage"):
+        load_warm_start(lora(8, seed=1).model, path)
+    full = apply_method(load_backbone(ModelConfig(name_or_path=str(model_dir))), MethodConfig(name="full"))
+    with pytest.raises(ValueError, match="do not match the final model's trainable weights"):
+        load_warm_start(full.model, path)
