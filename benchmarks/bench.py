@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tasks.spans import SPAN_SCORINGS
+from spanflow.answering.spans import SPAN_SCORINGS
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_JSON = ROOT / "benchmarks" / "results.json"
@@ -96,7 +96,7 @@ def machine() -> dict[str, Any]:
         info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
         cpu = info.get("model name\t", cpu).strip()
         flags = set(info.get("flags\t\t", "").split())
-    from tasks.tracking import git_commit
+    from spanflow.tracking.runs import git_commit
 
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -228,7 +228,7 @@ def headline(sections: dict[str, Any]) -> dict[str, float | None]:
         "inference_speedup_vs_pipeline": infer and infer["inference_speedup_vs_pipeline"],
         "f1_gap_vs_pipeline": infer and infer["f1_gap_vs_pipeline"],
         "em_gap_vs_pipeline": infer and infer["em_gap_vs_pipeline"],
-        # not targets: the same logits decoded by each span rule of tasks/spans.py
+        # not targets: the same logits decoded by each span rule of spanflow/answering/spans.py
         **{
             f"{metric}_gap_vs_pipeline_{rule}": infer and infer.get(f"{metric}_gap_vs_pipeline_{rule}")
             for rule in SPAN_SCORINGS
@@ -325,7 +325,7 @@ def log_to_mlflow(result: dict[str, Any], json_path: Path, md_path: Path) -> str
     import mlflow
 
     from spanflow.config import load_config
-    from tasks.tracking import setup_mlflow
+    from spanflow.tracking.runs import setup_mlflow
 
     cfg = load_config(ROOT / "params.yaml", [f"tracking.experiment={EXPERIMENT}"])
     experiment_id = setup_mlflow(cfg)
@@ -341,7 +341,7 @@ def log_to_mlflow(result: dict[str, Any], json_path: Path, md_path: Path) -> str
 
 
 def main(argv: list[str] | None = None) -> None:
-    from tasks.io_utils import atomic_write_json, atomic_write_text
+    from spanflow.io_utils import atomic_write_json, atomic_write_text
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness, not the speed")

@@ -11,7 +11,7 @@ pipeline; made on first use by `ensure_tf52_venv`). Sides alternate rep by rep; 
 small warm-up are not timed. Reports questions/s per side (median, min-max over reps), their ratio,
 the official SQuAD EM/F1 of both sides and their gaps, how often the answers differ, and each
 side's peak RSS. spanflow answers with `eval.span_scoring`; its first rep also decodes the same
-logits with every rule of tasks/spans.py, so the gaps are given per rule too (`chunk_softmax` is
+logits with every rule of spanflow/answering/spans.py, so the gaps are given per rule too (`chunk_softmax` is
 the pipeline's own rule: what is left is the inference, not the decoding). A benchmark, not a test.
 """
 
@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks.memory import peak_rss_mb
-from tasks.spans import DEFAULT_SPAN_SCORING, SPAN_SCORINGS
+from spanflow.answering.spans import DEFAULT_SPAN_SCORING, SPAN_SCORINGS
+from spanflow.training.memory import peak_rss_mb
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -100,16 +100,22 @@ def ensure_tf52_venv(
 
 
 def spanflow_side(args: argparse.Namespace) -> dict[str, Any]:
-    """Load the model as tasks/evaluate.py::predict_records does, warm up, time answer_questions +
+    """Load the model as spanflow/answering/inference.py::predict_records does, warm up, time answer_questions +
     answer_texts over all records; with `stages`, one more pass timed stage by stage."""
     import torch
     import transformers
     from transformers import AutoTokenizer
 
-    from tasks.data import read_jsonl
-    from tasks.features import featurize
-    from tasks.inference import answer_questions, default_device, load_qa_model, resolve_precision, run_model
-    from tasks.spans import answer_texts, best_spans
+    from spanflow.answering.inference import (
+        answer_questions,
+        default_device,
+        load_qa_model,
+        resolve_precision,
+        run_model,
+    )
+    from spanflow.answering.spans import answer_texts, best_spans
+    from spanflow.data.features import featurize
+    from spanflow.data.squad import read_jsonl
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -243,8 +249,8 @@ def _disagreements(
     resampling the questions moves it by."""
     import numpy as np
 
-    from tasks.bootstrap import paired_bootstrap
-    from tasks.squad_metrics import normalize_answer, per_question_scores
+    from spanflow.answering.bootstrap import paired_bootstrap
+    from spanflow.answering.squad_metrics import normalize_answer, per_question_scores
 
     s_scores = per_question_scores(records, ours, version)
     p_scores = per_question_scores(records, theirs, version)
@@ -296,7 +302,7 @@ def _gaps_by_scoring(
 ) -> dict[str, Any]:
     """EM / F1 gaps to the pipeline, their intervals and how many answers differ, per span-scoring rule of
     spanflow (the same logits, decoded by each rule)."""
-    from tasks.squad_metrics import score
+    from spanflow.answering.squad_metrics import score
 
     out = {}
     for rule, preds in by_rule.items():
@@ -334,11 +340,11 @@ def compare(
     the machine slows the pipeline's batch-1 forwards far more than spanflow's batches."""
     import torch
 
+    from spanflow.answering.inference import default_device, resolve_precision
+    from spanflow.answering.squad_metrics import score
     from spanflow.config import load_config
-    from tasks.best_params import final_config
-    from tasks.data import read_jsonl
-    from tasks.inference import default_device, resolve_precision
-    from tasks.squad_metrics import score
+    from spanflow.data.squad import read_jsonl
+    from spanflow.search.best_params import final_config
 
     if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
         raise SystemExit(f"{model_dir}: no trained model (config.json + model.safetensors); run `make run` first")

@@ -5,7 +5,7 @@
 Three variants of params.yaml's final model, each run in its own process (so peak RSS is its own), in rotating
 order rep by rep, on the same seeded training questions and batches:
 
-* `lora`: what the train stage runs (spanflow's fused LoRA Linear, tasks/lora_fused.py);
+* `lora`: what the train stage runs (spanflow's fused LoRA Linear, spanflow/models/lora_fused.py);
 * `lora-peft`: the same adapters through PEFT's own forward (`method.lora.fused=false`);
 * `full`: every weight trained (`method.name=full`, learning rate 5e-5 so that its F1 means something);
 * `lora-qv`: adapters on query and value only (the LoRA paper's choice), for what the target modules cost: an
@@ -50,7 +50,7 @@ def compare(
     overrides: list[str] | None = None,
     variants: list[str] | None = None,
 ) -> dict[str, Any]:
-    from tasks.search_worker import sample_questions
+    from spanflow.search.worker import sample_questions
 
     overrides = list(overrides or [])
     cfg = bench_config(overrides)

@@ -2,7 +2,7 @@
 
 Runs inside benchmarks/.venv-tf52 (made by `benchmarks.infer_compare.ensure_tf52_venv`), started by
 benchmarks/infer_compare.py; imports only the standard library, torch, transformers and the project's
-standard-library-only `tasks/memory.py`.
+standard-library-only `spanflow/training/memory.py`.
 
     benchmarks/.venv-tf52/bin/python benchmarks/pipeline_side.py --model-dir models/final/hf \\
         --records dev.jsonl --max-seq-len 256 --doc-stride 64 --max-answer-len 30 --out pipeline.json
@@ -27,8 +27,9 @@ from typing import Any
 import torch
 import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tasks.memory, outside the project's venv
-from tasks.memory import peak_rss_mb  # noqa: E402
+# for spanflow.training.memory, outside the project's venv
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from spanflow.training.memory import peak_rss_mb  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 WARMUP_RECORDS = 3

@@ -14,10 +14,10 @@ from collections import Counter
 
 import torch
 
+from spanflow.answering.inference import autocast, default_device, resolve_precision
 from spanflow.config import load_config
-from tasks.inference import autocast, default_device, resolve_precision
-from tasks.modeling import apply_method, load_backbone
-from tasks.passes import attention_kernel
+from spanflow.models.modeling import apply_method, load_backbone
+from spanflow.training.passes import attention_kernel
 
 
 def saved_bytes(overrides: list[str], batch: int, length: int) -> tuple[Counter, int]:

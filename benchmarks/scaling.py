@@ -36,7 +36,7 @@ def _context_tokens_for(k: int, chunk_length: int, overlap: int, question_tokens
 
 def records_with_chunks(records: list[dict], tokenizer: Any, k: int, chunk_length: int, overlap: int, mql: int):
     """Copies of `records` whose contexts fill exactly k chunks (own paragraph first, then other articles')."""
-    from tasks.features import _truncate_question
+    from spanflow.data.features import _truncate_question
 
     paragraphs = list(dict.fromkeys(r["context"] for r in records))
     out = []
@@ -95,11 +95,11 @@ def measure(
     import torch
     from transformers import set_seed
 
-    from tasks.features import featurize
-    from tasks.inference import answer_questions, default_device, resolve_precision
-    from tasks.modeling import apply_method, load_backbone, load_tokenizer
-    from tasks.search_worker import sample_questions
-    from tasks.training import train_model
+    from spanflow.answering.inference import answer_questions, default_device, resolve_precision
+    from spanflow.data.features import featurize
+    from spanflow.models.modeling import apply_method, load_backbone, load_tokenizer
+    from spanflow.search.worker import sample_questions
+    from spanflow.training.loop import train_model
 
     cfg = bench_config(list(overrides or []))
     if cfg.train.num_threads:
@@ -122,7 +122,7 @@ def measure(
         )  # fmt: skip
 
     def train(feats: Any, chunk_length: int, overlap: int) -> None:
-        from tasks.features import Features
+        from spanflow.data.features import Features
 
         run_cfg = cfg.with_values(
             {"train.max_steps": train_steps, "train.epochs": 1, "features.chunk_length": chunk_length,

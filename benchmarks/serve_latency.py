@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 
 from spanflow.config import load_config
-from tasks.data import load_squad_json
+from spanflow.data.squad import load_squad_json
 
 
 def long_context(dev_file: str, min_chars: int) -> tuple[str, dict]:
@@ -83,8 +83,8 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from tasks.best_params import final_config
-    from tasks.features import featurize
+    from spanflow.data.features import featurize
+    from spanflow.search.best_params import final_config
 
     f = final_config(cfg).features
     tokenizer = AutoTokenizer.from_pretrained("models/final/hf")

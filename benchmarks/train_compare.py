@@ -8,9 +8,10 @@ Both sides train params.yaml's final model (`final_config`: chunk length, overla
 batch size, lr, weight decay, warm-up, grad-norm clipping, seed, precision) for the same number of optimizer
 steps on the same seeded sample of training questions, starting from identical weights:
 
-* spanflow: `tasks.training.train_model` (what the train stage runs) on `tasks.features.featurize` chunks,
-  with its dynamic padding, length-sorted passes per batch (`train.micro_batches`) and length grouping as
-  configured, and its loss as `train.loss` sets it (`tasks.qa_loss`: over each pass's padded row, or real tokens).
+* spanflow: `spanflow.training.loop.train_model` (what the train stage runs) on `spanflow.data.features.featurize`
+  chunks, with its dynamic padding, length-sorted passes per batch (`train.micro_batches`) and length grouping as
+  configured, and its loss as `train.loss` sets it (`spanflow.models.qa_loss`: over each pass's padded row, or real
+  tokens).
 * trainer: `transformers.Trainer` on features prepared as the Hugging Face example `run_qa.py` does
   (`benchmarks.hf_qa_features`: padded to `max_seq_length`, `default_data_collator`), AdamW with the same
   parameter groups, linear warm-up/decay, clipping and seed, bf16 through accelerate's CPU autocast.
@@ -38,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks.memory import peak_rss_mb
+from spanflow.training.memory import peak_rss_mb
 
 SIDES = ("spanflow", "trainer")
 F1_TOLERANCE = 1.0  # F1 points; beyond this the speed comparison is void
@@ -76,7 +77,7 @@ CONTENDED = 0.10  # foreign_cpu above this: another process took a tenth of the 
 def bench_config(overrides: list[str], path: str | Path = "params.yaml"):
     """params.yaml (+ overrides) with the search's best point, as the train stage sees it."""
     from spanflow.config import load_config
-    from tasks.best_params import final_config
+    from spanflow.search.best_params import final_config
 
     return final_config(load_config(path, overrides))
 
@@ -91,8 +92,8 @@ def freeze_config(cfg, path: Path) -> None:
 
 def load_splits(cfg) -> tuple[list[dict], list[dict], str]:
     """(train, val, source): the prepare stage's split when present, else the article split of `data.train`."""
+    from spanflow.data.squad import limit_records, load_squad_json, read_jsonl, split_by_article
     from spanflow.paths import PREPARED
-    from tasks.data import limit_records, load_squad_json, read_jsonl, split_by_article
 
     if (PREPARED / "train.jsonl").is_file() and (PREPARED / "val.jsonl").is_file():
         return read_jsonl(PREPARED / "train.jsonl"), read_jsonl(PREPARED / "val.jsonl"), str(PREPARED)
@@ -103,8 +104,8 @@ def load_splits(cfg) -> tuple[list[dict], list[dict], str]:
 
 def load_dev() -> list[dict]:
     """The prepare stage's dev questions (held out from training and selection alike); none without it."""
+    from spanflow.data.squad import read_jsonl
     from spanflow.paths import PREPARED
-    from tasks.data import read_jsonl
 
     return read_jsonl(PREPARED / "dev.jsonl") if (PREPARED / "dev.jsonl").is_file() else []
 
@@ -187,9 +188,9 @@ def features_checksum(input_ids: list[list[int]], starts: list[int], ends: list[
 
 
 def batch_order(lengths: list[int], cfg, steps: int) -> list[int]:
-    """The chunk indices in the order spanflow's loop draws them (`tasks.training.epoch_batches`), epoch after
+    """The chunk indices in the order spanflow's loop draws them (`spanflow.training.loop.epoch_batches`), epoch after
     epoch, for `steps` optimizer steps."""
-    from tasks.training import epoch_batches
+    from spanflow.training.loop import epoch_batches
 
     epochs = epochs_for(len(lengths), cfg.train, steps)
     return [i for epoch in range(1, epochs + 1) for batch in epoch_batches(lengths, cfg.train, epoch) for i in batch]
@@ -197,8 +198,8 @@ def batch_order(lengths: list[int], cfg, steps: int) -> list[int]:
 
 def steps_for_epochs(train: list[dict], cfg, epochs: int) -> int:
     """Optimizer steps of `epochs` passes over the chunks spanflow cuts from `train` at the configured length."""
-    from tasks.features import featurize
-    from tasks.modeling import load_tokenizer
+    from spanflow.data.features import featurize
+    from spanflow.models.modeling import load_tokenizer
 
     f, tc = cfg.features, cfg.train
     chunks = len(featurize(train, load_tokenizer(cfg.model), f.chunk_length, f.overlap, f.max_query_length))
@@ -251,8 +252,8 @@ def _lever_pad_max(cfg: Any) -> None:
     the same positions (pads included) on both sides; isolates what dynamic padding does to learning."""
     import torch
 
-    import tasks.training
-    from tasks.inference import pad_batch
+    import spanflow.training.loop
+    from spanflow.answering.inference import pad_batch
 
     def padded(feats: Any, idx: list[int], pad_id: int, with_labels: bool) -> dict[str, Any]:
         batch = pad_batch(feats, idx, pad_id, with_labels, cfg.train.pad_to_multiple_of)
@@ -262,7 +263,7 @@ def _lever_pad_max(cfg: Any) -> None:
                 batch[key] = torch.nn.functional.pad(batch[key], (0, extra), value=value)
         return batch
 
-    tasks.training.pad_batch = padded
+    spanflow.training.loop.pad_batch = padded
 
 
 MODEL_LEVERS = {
@@ -288,9 +289,9 @@ def apply_levers(model: Any, levers: list[str], cfg: Any) -> None:
 def evaluate(model: Any, tokenizer: Any, records: list[dict], cfg, precision: str) -> dict[str, Any]:
     """EM/F1 with spanflow's chunked inference and SQuAD scorer (the same for both sides), in total and per
     question (0 to 100, in `records` order)."""
-    from tasks.inference import answer_questions
-    from tasks.spans import answer_texts
-    from tasks.squad_metrics import per_question_scores
+    from spanflow.answering.inference import answer_questions
+    from spanflow.answering.spans import answer_texts
+    from spanflow.answering.squad_metrics import per_question_scores
 
     t0 = time.perf_counter()
     f, e = cfg.features, cfg.eval
@@ -339,8 +340,8 @@ def held_out_scores(model: Any, tokenizer: Any, val: list[dict], dev: list[dict]
 
 
 def _spanflow_train(prepared: Any, tokenizer: Any, train: list[dict], cfg, steps: int) -> dict[str, Any]:
-    from tasks.features import Features, featurize
-    from tasks.training import train_model
+    from spanflow.data.features import Features, featurize
+    from spanflow.training.loop import train_model
 
     f, tc = cfg.features, cfg.train
     t0 = time.perf_counter()
@@ -442,7 +443,7 @@ def _trainer_train(prepared: Any, tokenizer: Any, train: list[dict], cfg, steps:
     from transformers import Trainer, default_data_collator
 
     from benchmarks.hf_qa_features import build_train_dataset
-    from tasks.inference import default_device, resolve_precision
+    from spanflow.answering.inference import default_device, resolve_precision
 
     f = cfg.features
     precision = resolve_precision(cfg.train.precision, default_device())
@@ -501,9 +502,9 @@ def run_side(
     import torch
     from transformers import set_seed
 
-    from tasks.data import read_jsonl
-    from tasks.inference import default_device, resolve_precision
-    from tasks.modeling import apply_method, load_backbone, load_tokenizer
+    from spanflow.answering.inference import default_device, resolve_precision
+    from spanflow.data.squad import read_jsonl
+    from spanflow.models.modeling import apply_method, load_backbone, load_tokenizer
 
     cfg = bench_config(overrides, data_dir / "params.yaml")
     if cfg.train.num_threads:  # train_model sets it for spanflow; the Trainer side gets the same
@@ -594,10 +595,10 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 def _f1_gap_interval(runs: dict[str, list[dict[str, Any]]], gate: Any) -> Any:
     """Paired bootstrap over the scored questions of spanflow's minus the Trainer's F1, each averaged over the reps
-    (`tasks.bootstrap`, with the promotion gate's resamples, confidence and seed)."""
+    (`spanflow.answering.bootstrap`, with the promotion gate's resamples, confidence and seed)."""
     import numpy as np
 
-    from tasks.bootstrap import paired_bootstrap
+    from spanflow.answering.bootstrap import paired_bootstrap
 
     per_side = [np.mean([r["heldout_f1_per_question"] for r in runs[s]], axis=0) for s in SIDES]
     return paired_bootstrap(*per_side, gate.bootstrap_resamples, gate.confidence, gate.seed)
@@ -632,7 +633,7 @@ def compare(
     `f1_gap_interval` resamples the questions (paired, with the promotion gate's bootstrap settings) for the
     interval of the gap in F1 averaged over the reps.
     """
-    from tasks.search_worker import sample_questions
+    from spanflow.search.worker import sample_questions
 
     overrides, spanflow_overrides = list(overrides or []), list(spanflow_overrides or [])
     levers = list(spanflow_levers or [])

@@ -13,12 +13,12 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from spanflow.answering.inference import default_device
 from spanflow.config import load_config
-from tasks.data import load_squad_json
-from tasks.features import Features, featurize
-from tasks.inference import default_device
-from tasks.modeling import apply_method, load_backbone, load_tokenizer
-from tasks.training import train_model
+from spanflow.data.features import Features, featurize
+from spanflow.data.squad import load_squad_json
+from spanflow.models.modeling import apply_method, load_backbone, load_tokenizer
+from spanflow.training.loop import train_model
 
 
 def main() -> None:

@@ -11,8 +11,8 @@ from tasks.featurize import featurize_task
 from tasks.prepare import ingest_task, split_task, validate_task, version_task
 from tasks.promote import promote_task
 from tasks.register import register_task
-from tasks.search import tune_task
 from tasks.train import train_task
+from tasks.tune import tune_task
 
 
 def prepare_data(cfg: Config) -> dict:

@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
-from spanflow.config import ConfigError, load_config, profile_overrides
+from spanflow import __version__
+from spanflow.config import Config, ConfigError, load_config, profile_overrides
 
 STAGES = ("prepare", "tune", "featurize", "train", "evaluate", "register", "promote")
 
@@ -34,6 +36,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spanflow", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"spanflow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _common(
         sub.add_parser(
@@ -73,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _registry_command(args: argparse.Namespace) -> None:
-    from tasks import registry_cli
+    from spanflow.tracking import registry_cli
 
     cfg = load_config(args.params, args.overrides)
     if args.command == "promote":
@@ -86,15 +89,46 @@ def _registry_command(args: argparse.Namespace) -> None:
         registry_cli.serve(cfg, args.model_uri, args.host, args.port)
 
 
+def _looks_local(source: str) -> bool:
+    return "/" in source or "\\" in source or source.endswith((".json", ".json.gz", ".jsonl", ".parquet", ".csv"))
+
+
+def preflight(args: argparse.Namespace, cfg: Config) -> str | None:
+    """What is wrong with the command's own inputs, found in milliseconds, before Prefect, MLflow or torch are
+    imported; None when nothing is."""
+    reads_data = args.command in ("run", "tune", "train") or (args.command == "stage" and args.name == "prepare")
+    if reads_data:
+        for key in ("train", "dev"):
+            source = getattr(cfg.data, key)
+            if _looks_local(source) and not Path(source).exists():
+                return f"data.{key}: {source}: file not found (a local SQuAD .json/.json.gz, or a Hub dataset name)"
+    if args.command == "predict" and not Path(args.context_file).is_file():
+        return f"--context-file {args.context_file}: file not found"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "profile", None):
             args.overrides = profile_overrides(args.profile) + args.overrides
-        load_config(args.params, args.overrides)  # fail fast, before Prefect starts
+        cfg = load_config(args.params, args.overrides)  # fail fast, before Prefect starts
     except ConfigError as exc:
         print(f"spanflow: error: {exc}", file=sys.stderr)
         return 2
+    problem = preflight(args, cfg)
+    if problem:
+        print(f"spanflow: error: {problem}", file=sys.stderr)
+        return 1
+    if args.command in ("promote", "registry", "predict", "serve"):  # MLflow only: no Prefect to import
+        from mlflow.exceptions import MlflowException
+
+        try:
+            _registry_command(args)
+        except (FileNotFoundError, ValueError, MlflowException) as exc:
+            print(f"spanflow: error: {exc}", file=sys.stderr)
+            return 1
+        return 0
 
     # the temporary server's telemetry only logs an error on machines without internet
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -102,13 +136,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from flows.pipeline import qa_pipeline
     from flows.stages import STAGE_FLOWS, evaluate_flow, featurize_flow, prepare_flow, train_flow, tune_flow
-    from tasks.data import DataValidationError
-    from tasks.search import SearchIncomplete
+    from spanflow.data.squad import DataValidationError
+    from spanflow.search.study import SearchIncomplete
 
     try:
-        if args.command in ("promote", "registry", "predict", "serve"):
-            _registry_command(args)
-        elif args.command == "deploy":
+        if args.command == "deploy":
             from flows.deploy import serve_pipeline
 
             serve_pipeline(args.params, args.overrides)

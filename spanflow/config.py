@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
-from tasks.spans import DEFAULT_SPAN_SCORING, SPAN_SCORINGS
+from spanflow.answering.spans import DEFAULT_SPAN_SCORING, SPAN_SCORINGS
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -36,7 +36,7 @@ class DataConfig:
     leaderboard_dir: str = "data/leaderboard"
 
 
-TRAIN_LOSSES = ("real_tokens", "padded")  # tasks.qa_loss.span_loss's `over`
+TRAIN_LOSSES = ("real_tokens", "padded")  # spanflow.models.qa_loss.span_loss's `over`
 
 
 @dataclass
@@ -60,7 +60,7 @@ class LoraConfig:
     alpha: int = 32
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["query", "key", "value", "dense"])
-    fused: bool = True  # spanflow's fused LoRA Linear (tasks/lora_fused.py); false: PEFT's own forward
+    fused: bool = True  # spanflow's fused LoRA Linear (spanflow/models/lora_fused.py); false: PEFT's own forward
 
 
 @dataclass
@@ -82,12 +82,13 @@ class TrainConfig:
     early_stopping_patience: int = 2  # epochs without a lower validation loss before stopping
     select_by: str = "val_f1"  # weights kept at the end: best epoch by val_f1 or val_loss, or the last
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
+    log_every_steps: int = 10  # training loss and learning rate to MLflow and the learning curve every N steps
     eval_every_steps: int | None = None  # also validate every N optimizer steps inside an epoch (None: epoch ends)
     group_by_length: bool = False  # batches of similar-length features (less padding, but slower early learning)
     micro_batches: int = 4  # at most this many passes per batch, its chunks sorted by length: less padding
     pass_overhead_tokens: int = 320  # a pass's fixed cost in padded tokens: more passes only where they pay
     max_pass_tokens: int | None = None  # cap on a pass's padded tokens (rows x width): bounds activation memory
-    math_attention_max_width: int = 256  # CPU passes up to this width use math attention, tasks/attention.py (0: never)
+    math_attention_max_width: int = 256  # CPU passes up to this width use math attention (0: never)
     pad_to_multiple_of: int = 16  # batch width rounded up: fewer distinct shapes for oneDNN and the allocator
     loss: str = "padded"  # softmax over each pass's padded row (Hugging Face's) or real_tokens (padding-invariant)
     seed: int = 42
@@ -345,7 +346,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"eval.workers: {cfg.eval.workers} must be >= 1")
     if cfg.eval.span_scoring not in SPAN_SCORINGS:
         raise ConfigError(f"eval.span_scoring: {cfg.eval.span_scoring!r} is not {'|'.join(SPAN_SCORINGS)}")
-    for key in ("pass_overhead_tokens", "math_attention_max_width"):
+    for key in ("pass_overhead_tokens", "math_attention_max_width", "log_every_steps"):
         if getattr(cfg.train, key) < 0:
             raise ConfigError(f"train.{key}: {getattr(cfg.train, key)} must be >= 0")
     _validate_search(cfg)

@@ -11,8 +11,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from spanflow.config import DataConfig
-from spanflow.paths import PREPARED
-from tasks.data import (
+from spanflow.data.splits import prepared_params
+from spanflow.data.squad import (
     DataValidationError,
     Record,
     atomic_write_json,
@@ -25,8 +25,7 @@ from tasks.data import (
     validate,
     write_jsonl_atomic,
 )
-
-VERSION_FILE = PREPARED / "version.json"
+from spanflow.paths import PREPARED
 
 
 class Dataset:
@@ -83,6 +82,7 @@ def split_and_write(train: Dataset, dev: Dataset, cfg: DataConfig, info: dict, o
         raise DataValidationError(train.source, f"data.val_fraction={cfg.val_fraction} leaves no training article")
     info = {
         **info,
+        "params": prepared_params(cfg),
         "split": {
             "train": len(train_part),
             "val": len(val_part),

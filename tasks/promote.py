@@ -25,19 +25,17 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from spanflow.answering.bootstrap import paired_bootstrap
+from spanflow.answering.inference import predict_records
+from spanflow.answering.spans import REGISTERED_BEFORE_SPAN_SCORING
+from spanflow.answering.squad_metrics import per_question_scores
 from spanflow.config import Config
-from spanflow.paths import PREPARED, RESULTS
-from tasks.bootstrap import paired_bootstrap
-from tasks.data import read_jsonl
-from tasks.evaluate import PREDICTIONS_FILE, predict_records
-from tasks.io_utils import atomic_write_json
-from tasks.prepare import VERSION_FILE
-from tasks.register import REGISTERED_FILE
-from tasks.spans import REGISTERED_BEFORE_SPAN_SCORING
-from tasks.squad_metrics import per_question_scores
-from tasks.tracking import setup_mlflow
+from spanflow.data.splits import check_prepared
+from spanflow.data.squad import read_jsonl
+from spanflow.io_utils import atomic_write_json
+from spanflow.paths import PREDICTIONS_FILE, PREPARED, PROMOTION_FILE, REGISTERED_FILE, VERSION_FILE
+from spanflow.tracking.runs import setup_mlflow
 
-PROMOTION_FILE = RESULTS / "promotion.json"
 CHAMPION_PREDICTIONS_ARTIFACT = "promotion/champion_predictions.json"
 
 
@@ -195,6 +193,7 @@ def move_aliases(cfg: Config, client: MlflowClient, result: dict) -> None:
 
 
 def promote_stage(cfg: Config) -> dict:
+    check_prepared(cfg)
     setup_mlflow(cfg)
     if not REGISTERED_FILE.is_file():
         raise FileNotFoundError(f"{REGISTERED_FILE}: no registered model; run the register stage first")

@@ -13,17 +13,16 @@ from mlflow import MlflowClient
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+import spanflow
 from spanflow.config import Config
-from spanflow.paths import MODEL, RESULTS
-from tasks.best_params import final_config
-from tasks.evaluate import METRICS_FILE
-from tasks.io_utils import atomic_write_json
-from tasks.prepare import VERSION_FILE
-from tasks.tracking import load_run_ref, setup_mlflow
+from spanflow.data.splits import check_prepared
+from spanflow.io_utils import atomic_write_json
+from spanflow.paths import METRICS_FILE, MODEL, REGISTERED_FILE, VERSION_FILE
+from spanflow.search.best_params import final_config
+from spanflow.tracking.runs import load_run_ref, setup_mlflow
 
-PYFUNC_FILE = Path(__file__).with_name("qa_pyfunc.py")
-TASKS_DIR = Path(__file__).parent
-REGISTERED_FILE = RESULTS / "registered.json"
+LIBRARY_DIR = Path(spanflow.__file__).parent  # shipped with the model: the pyfunc answers with it
+PYFUNC_FILE = LIBRARY_DIR / "serving" / "qa_pyfunc.py"  # models-from-code: MLflow runs it, nothing is pickled
 SERVING_REQUIREMENTS = ("mlflow", "torch", "transformers", "pandas", "numpy")
 
 
@@ -59,7 +58,7 @@ def log_and_register(cfg: Config, run_id: str) -> int:
             name="model",
             python_model=str(PYFUNC_FILE),
             artifacts={"model_dir": str(MODEL / "hf"), "settings": str(settings)},
-            code_paths=[str(TASKS_DIR)],
+            code_paths=[str(LIBRARY_DIR)],
             input_example=example,
             pip_requirements=[f"{p}=={md.version(p)}" for p in SERVING_REQUIREMENTS],
             registered_model_name=cfg.registry.model_name,
@@ -71,6 +70,7 @@ def register_stage(cfg: Config) -> dict:
     """Log the model to its training run and register a new version, tagged with its dev scores. No alias
     moves here: the promote stage moves `challenger` (and maybe `champion`) once every check passed."""
     cfg = final_config(cfg)  # the served model splits contexts like it was trained
+    check_prepared(cfg)
     setup_mlflow(cfg)
     run_id = load_run_ref()["run_id"]
     name = cfg.registry.model_name

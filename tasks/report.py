@@ -8,10 +8,10 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from spanflow.answering.squad_metrics import score
 from spanflow.config import Config
-from spanflow.paths import PREPARED, RESULTS
-from tasks.data import read_jsonl
-from tasks.squad_metrics import score
+from spanflow.data.squad import read_jsonl
+from spanflow.paths import PREDICTIONS_FILE, PREPARED
 
 # Published EM / F1 on the whole official SQuAD v1.1 dev set (10,570 questions).
 PUBLISHED_V11_DEV = (
@@ -20,7 +20,6 @@ PUBLISHED_V11_DEV = (
     ("SplaXBERT: ALBERT-xlarge, context splitting (published)", 85.95, 92.97),
 )
 OFFICIAL_V11_DEV_QUESTIONS = 10570
-PREDICTIONS_FILE = RESULTS / "predictions.json"
 
 
 def leaderboard_scores(

@@ -14,24 +14,28 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from transformers import set_seed
 
+from spanflow.answering.inference import default_device
 from spanflow.config import Config
-from spanflow.paths import MODEL, PREPARED, RESULTS
-from tasks.best_params import BEST_PARAMS_FILE, final_config
-from tasks.data import read_jsonl
-from tasks.features import Features
-from tasks.featurize import load_split_features
-from tasks.inference import default_device
-from tasks.io_utils import atomic_write_json, atomic_write_text
-from tasks.memory import peak_rss_mb
-from tasks.modeling import apply_method, export_merged, load_backbone, load_tokenizer
-from tasks.plots import learning_curves
-from tasks.tracking import git_commit, load_run_ref, prefect_tags, save_run_ref, setup_mlflow
-from tasks.training import EpochStats, train_model
-from tasks.warm_start import load_warm_start
-
-SUMMARY_FILE = MODEL / "train.json"
-HISTORY_FILE = RESULTS / "history.csv"
-CURVES_FILE = RESULTS / "learning_curves.png"
+from spanflow.data.features import Features
+from spanflow.data.splits import check_prepared, load_split_features, split_records
+from spanflow.data.squad import read_jsonl
+from spanflow.io_utils import atomic_write_json, atomic_write_text
+from spanflow.models.modeling import apply_method, export_merged, load_backbone, load_tokenizer
+from spanflow.models.warm_start import load_warm_start
+from spanflow.paths import CURVES_FILE, HISTORY_FILE, MODEL, PREPARED, TRAIN_SUMMARY_FILE
+from spanflow.search.best_params import BEST_PARAMS_FILE, final_config
+from spanflow.tracking.plots import learning_curves
+from spanflow.tracking.runs import (
+    describe_run,
+    git_commit,
+    load_run_ref,
+    log_split_input,
+    prefect_tags,
+    save_run_ref,
+    setup_mlflow,
+)
+from spanflow.training.loop import EpochStats, train_model
+from spanflow.training.memory import peak_rss_mb, reset_peak_rss
 
 
 def _data_tags() -> dict[str, str]:
@@ -61,6 +65,8 @@ def _start_run(cfg: Config, resume: bool) -> mlflow.ActiveRun:
         except FileNotFoundError:
             pass
     run_name = f"{cfg.method.name}-c{cfg.features.chunk_length}-o{cfg.features.overlap}"
+    if cfg.method.name == "lora":
+        run_name += f"-r{cfg.method.lora.rank}"
     return mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
 
 
@@ -93,6 +99,8 @@ def train_stage(cfg: Config, resume: bool = False) -> dict:
     """Train the final model: params.yaml with the search's best point, on the training articles
     (plus the validation articles when train.include_validation, then without per-epoch validation)."""
     cfg = final_config(cfg)
+    reset_peak_rss()  # this stage's peak, not the flow process's
+    check_prepared(cfg)
     tokenizer = load_tokenizer(cfg.model)
     train_feats = load_split_features(cfg, "train")
     if cfg.train.include_validation:
@@ -105,6 +113,10 @@ def train_stage(cfg: Config, resume: bool = False) -> dict:
         mlflow.log_params(cfg.flat())
         mlflow.set_tags({**_data_tags(), "git_commit": git_commit(), **prefect_tags(), **_search_tags(cfg)})
         mlflow.log_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config/params.resolved.yaml")
+        train_records = split_records("train", cfg.train.include_validation)
+        log_split_input(train_records, "squad-train", str(PREPARED / "train.jsonl"), "training")
+        if val_records:
+            log_split_input(val_records, "squad-val", str(PREPARED / "val.jsonl"), "validation")
 
         set_seed(cfg.train.seed)  # the new QA head and the LoRA adapters start from the seed ...
         prepared = apply_method(load_backbone(cfg.model), cfg.method)
@@ -118,9 +130,14 @@ def train_stage(cfg: Config, resume: bool = False) -> dict:
             f"method {cfg.method.name}: {prepared.trainable_params:,} of {prepared.total_params:,} parameters trainable"
         )
 
+        def log_step(step: int, loss: float, lr: float) -> None:
+            mlflow.log_metrics({"train_loss_step": loss, "learning_rate": lr}, step=step)
+
         def log_epoch(stats: EpochStats) -> None:
-            metrics = {k: v for k, v in asdict(stats).items() if k not in ("epoch", "step") and v is not None}
-            mlflow.log_metrics(metrics, step=stats.epoch)
+            metrics = {
+                k: v for k, v in asdict(stats).items() if k not in ("epoch", "step", "seconds") and v is not None
+            }
+            mlflow.log_metrics({**metrics, "epoch_train_seconds": stats.seconds}, step=stats.epoch)
 
         result = train_model(
             prepared,
@@ -132,8 +149,16 @@ def train_stage(cfg: Config, resume: bool = False) -> dict:
             MODEL / "checkpoints",
             resume=resume,
             on_epoch=log_epoch,
+            on_log=log_step,
         )
         export_merged(prepared.model, tokenizer, MODEL / "hf")
+        describe_run(
+            f"Final model: {cfg.method.name} ({prepared.trainable_params:,} trainable parameters) on "
+            f"{cfg.model.name_or_path}, chunks of {cfg.features.chunk_length} tokens overlapping by "
+            f"{cfg.features.overlap}, {result.steps} steps over {len(train_records):,} training questions in "
+            f"{result.precision}; "
+            + (f"started from the search's best trial ({warm})." if warm else "started from the seed.")
+        )
 
         summary = {
             "run_id": run.info.run_id,
@@ -152,9 +177,9 @@ def train_stage(cfg: Config, resume: bool = False) -> dict:
             "train_peak_rss_mb": round(peak_rss_mb(), 1),
             "history": [asdict(h) for h in result.history],
         }
-        atomic_write_json(SUMMARY_FILE, summary)
+        atomic_write_json(TRAIN_SUMMARY_FILE, summary)
         _write_history(result.history)
-        learning_curves(summary["history"], CURVES_FILE)
+        learning_curves(summary["history"], CURVES_FILE, result.step_log)
         mlflow.log_metrics(
             {
                 k: float(summary[k])

@@ -25,7 +25,7 @@ def make_tiny_model_dir(path: Path) -> Path:
 
     `ModelConfig(name_or_path=str(path))` loads it through the ordinary local-path code path.
     """
-    from tasks.modeling import load_tokenizer  # heavy imports only when a model is wanted
+    from spanflow.models.modeling import load_tokenizer  # heavy imports only when a model is wanted
 
     path = Path(path)
     tokenizer = load_tokenizer(ModelConfig())

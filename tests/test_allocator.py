@@ -1,5 +1,5 @@
-"""tasks/allocator.py: inside `heap_kept()` glibc stops handing freed activations back to the kernel, so a loop that
-frees and allocates the same large blocks stops page-faulting; on leaving, the free memory goes back."""
+"""spanflow/training/allocator.py: inside `heap_kept()` glibc stops handing freed activations back to the kernel,
+so a loop that frees and allocates the same large blocks stops page-faulting; on leaving, the free memory goes back."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # eight rounds.
 CHILD = """
 import contextlib, ctypes, json, resource, sys
-from tasks.allocator import heap_kept
-from tasks.memory import rss_mb
+from spanflow.training.allocator import heap_kept
+from spanflow.training.memory import rss_mb
 
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]

@@ -1,4 +1,4 @@
-"""The math attention of narrow CPU training passes (tasks/attention.py): PyTorch's math kernel's output and
+"""The math attention of narrow CPU training passes (spanflow/training/attention.py): PyTorch's math kernel's output and
 gradients, less kept for backward under bf16, and PyTorch's own kernel for the calls it does not cover."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from tasks.attention import MathAttention, _mask_bias
+from spanflow.training.attention import MathAttention, _mask_bias
 
 B, H, L, D = 2, 3, 12, 8
 

@@ -10,7 +10,7 @@ from transformers import set_seed
 
 from benchmarks.train_compare import _f1_gap_interval, evaluate, held_out_scores
 from spanflow.config import RegistryConfig
-from tasks.modeling import apply_method, load_backbone, load_tokenizer
+from spanflow.models.modeling import apply_method, load_backbone, load_tokenizer
 from tests.helpers import make_tiny_model_dir, tiny_config, tiny_records
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft x transformers 5

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from benchmarks.train_compare import steps_for_epochs
-from tasks.features import featurize
-from tasks.modeling import load_tokenizer
+from spanflow.data.features import featurize
+from spanflow.models.modeling import load_tokenizer
 from tests.helpers import make_tiny_model_dir, tiny_config, tiny_records
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from spanflow.answering.bootstrap import paired_bootstrap
 from spanflow.config import ConfigError, load_config
-from tasks.bootstrap import paired_bootstrap
 
 
 def test_equal_models_give_an_interval_around_zero_that_does_not_clear_zero() -> None:

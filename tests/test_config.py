@@ -267,7 +267,7 @@ def test_bad_search_settings_name_the_key(override: str, named: str) -> None:
 
 
 def test_ranks_are_searched_for_lora_only() -> None:
-    from tasks.grid import grid_points
+    from spanflow.search.grid import grid_points
 
     lora = grid_points(load_config(None, ["search.space.lora_rank=[4, 8]"]))
     full = grid_points(load_config(None, ["search.space.lora_rank=[4, 8]", "method.name=full"]))

@@ -1,4 +1,4 @@
-"""Tests for tasks.data and tasks.io_utils: load, validate, hash, split, store."""
+"""Tests for spanflow.data.squad and spanflow.io_utils: load, validate, hash, split, store."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tasks.data import (
+from spanflow.data.squad import (
     DataValidationError,
     Record,
     content_hash,
@@ -27,7 +27,7 @@ from tasks.data import (
     validate,
     write_jsonl_atomic,
 )
-from tasks.io_utils import atomic_write_json, atomic_write_text
+from spanflow.io_utils import atomic_write_json, atomic_write_text
 
 SQUAD_DIR = Path(__file__).resolve().parents[1] / "data" / "squad"
 
@@ -575,3 +575,25 @@ def test_atomic_write_failure_keeps_previous_file(tmp_path: Path) -> None:
         atomic_write_json(path, {"bad": {1, 2}})
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["records.jsonl"]
+
+
+def test_a_stage_refuses_records_prepared_with_other_data_params(tmp_path: Path, monkeypatch) -> None:
+    """`spanflow evaluate --set data.dev=OTHER` must not score the dev set prepared earlier under OTHER's name."""
+    from spanflow.config import Config
+    from spanflow.data.splits import check_prepared
+    from tasks.prepare import check, load, split_and_write, version_info
+
+    monkeypatch.chdir(tmp_path)
+    train_file, dev_file = write_doc(tmp_path, tiny(), "train.json"), write_doc(tmp_path, tiny(), "dev.json")
+    cfg = Config().with_values({"data.train": str(train_file), "data.dev": str(dev_file), "data.val_fraction": 0.0})
+    train, dev = check(load(str(train_file), "train", None, None)), check(load(str(dev_file), "train", None, None))
+    split_and_write(train, dev, cfg.data, version_info(train, dev))
+    assert check_prepared(cfg)["params"]["dev"] == str(dev_file)
+    assert check_prepared(cfg.with_values({"data.leaderboard_dir": "elsewhere"}))  # not a data param
+
+    other = cfg.with_values({"data.dev": "OTHER.json", "data.dev_limit": 1500})
+    with pytest.raises(ValueError) as exc:
+        check_prepared(other)
+    message = str(exc.value)
+    assert f"data.dev={str(dev_file)!r} there, 'OTHER.json' here" in message
+    assert "data.dev_limit=None there, 1500 here" in message and "spanflow stage prepare" in message

@@ -1,4 +1,4 @@
-"""Context splitting (tasks/features.py) with the real packaged fast tokenizer; no mocks.
+"""Context splitting (spanflow/data/features.py) with the real packaged fast tokenizer; no mocks.
 
 Synthetic contexts are built from filler words whose tokenization is known (one token per word, or a
 fixed number of WordPiece pieces), so chunk boundaries can be located from the features' own offsets
@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from spanflow.config import ModelConfig
-from tasks.data import load_squad_json
-from tasks.features import Features, chunk_counts, featurize, load_features, save_features
-from tasks.modeling import load_tokenizer
+from spanflow.data.features import Features, chunk_counts, featurize, load_features, save_features
+from spanflow.data.squad import load_squad_json
+from spanflow.models.modeling import load_tokenizer
 
 TRAIN = Path(__file__).resolve().parents[1] / "data" / "squad" / "train-v1.1-head.json"
 QUESTION = "Which numbers are listed?"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.grid_lead import best_lead
+from spanflow.search.lead import best_lead
 
 
 def _trial(point: str, scores_by_step: dict[int, np.ndarray]) -> dict:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.features import featurize
-from tasks.inference import autocast, load_qa_model, run_model
-from tasks.modeling import load_tokenizer
+from spanflow.answering.inference import autocast, load_qa_model, run_model
+from spanflow.data.features import featurize
+from spanflow.models.modeling import load_tokenizer
 from tests.helpers import make_tiny_model_dir, tiny_config, tiny_records
 
 CPU = torch.device("cpu")

@@ -1,6 +1,6 @@
-"""The fused LoRA Linear (tasks/lora_fused.py) computes what PEFT's own LoRA forward computes: same outputs, same
-gradients, same state dict and merged export, in fp32 and under bf16 autocast; it steps aside where it does not
-apply. On a tiny random BERT with the real tokenizer and real context splitting (CPU)."""
+"""The fused LoRA Linear (spanflow/models/lora_fused.py) computes what PEFT's own LoRA forward computes: same
+outputs, same gradients, same state dict and merged export, in fp32 and under bf16 autocast; it steps aside where
+it does not apply. On a tiny random BERT with the real tokenizer and real context splitting (CPU)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from transformers import set_seed
 
-from tasks.features import featurize
-from tasks.inference import pad_batch
-from tasks.lora_fused import FusedLoraLinear, fuse_lora, release_fp32_bases
-from tasks.modeling import apply_method, load_backbone, load_tokenizer
+from spanflow.answering.inference import pad_batch
+from spanflow.data.features import featurize
+from spanflow.models.lora_fused import FusedLoraLinear, fuse_lora, release_fp32_bases
+from spanflow.models.modeling import apply_method, load_backbone, load_tokenizer
 from tests.helpers import make_tiny_model_dir, tiny_config, tiny_records
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft x transformers 5
@@ -192,7 +192,7 @@ def test_ffn_output_layer_keeps_the_gelu_input_and_recomputes_the_same_bits(
 
     _, fused = pair(model_dir)
     logits, grads, kept = run(fused)
-    monkeypatch.setattr("tasks.lora_fused._gelu_input", lambda x: (None, ""))  # save the GELU's output
+    monkeypatch.setattr("spanflow.models.lora_fused._gelu_input", lambda x: (None, ""))  # save the GELU's output
     ref_logits, ref_grads, ref_kept = run(fused)
     assert (kept, ref_kept) == (layers, 2 * layers)
     assert torch.equal(logits, ref_logits)

@@ -1,4 +1,4 @@
-"""tasks/paging.py and `release_fp32_bases`: pages of tensors training does not read are handed back to the
+"""spanflow/training/paging.py and `release_fp32_bases`: pages of tensors training does not read are handed back to the
 kernel, the values stay. On a file-mapped tensor and on the default backbone's safetensors file (CPU, Linux)."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from spanflow.config import load_config
-from tasks.lora_fused import FusedLoraLinear, release_fp32_bases
-from tasks.memory import mapped_mb
-from tasks.modeling import apply_method, load_backbone, resolve_model_path
-from tasks.paging import page_out
+from spanflow.models.lora_fused import FusedLoraLinear, release_fp32_bases
+from spanflow.models.modeling import apply_method, load_backbone, resolve_model_path
+from spanflow.training.memory import mapped_mb
+from spanflow.training.paging import page_out
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [

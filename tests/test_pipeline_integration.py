@@ -27,7 +27,7 @@ def _small_params(model_dir: Path) -> dict:
     params["data"].update(train_limit=600, dev_limit=40, val_fraction=0.5)
     params["model"]["name_or_path"] = str(model_dir)
     params["features"].update(chunk_length=96, overlap=32, max_query_length=24)
-    params["train"].update(epochs=2, max_steps=6, batch_size=8)
+    params["train"].update(epochs=2, max_steps=6, batch_size=8, log_every_steps=2)
     params["registry"]["model_name"] = "spanflow-qa-test"
     # 3 trials; (64, 48) leaves 64 - 24 - 3 = 37 context tokens, less than the overlap: skipped
     params["search"].update(heartbeat_seconds=2, workers=1)
@@ -41,7 +41,7 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A copy of the project's pipeline files with a tiny local model, as a fresh git + DVC repo."""
     root = tmp_path / "project"
     root.mkdir()
-    for name in ("dvc.yaml", "tasks"):
+    for name in ("dvc.yaml", ".dvcignore", "tasks", "spanflow"):
         src = REPO / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, root / name)
     shutil.copytree(REPO / "data" / "squad", root / "data" / "squad")
@@ -102,7 +102,18 @@ def test_qa_pipeline_flow_lands_in_mlflow_prefect_and_registry(project: Path, pr
     assert run.data.tags["search.mlflow_parent_run_id"] == search["mlflow_parent_run_id"]
     assert run.data.params["method.name"] == "lora"
     assert run.data.metrics["dev_f1"] == pytest.approx(metrics["f1"])
+    assert "dev_trainable_params" not in run.data.metrics and "seconds" not in run.data.metrics  # one name each
+    assert run.info.run_name == f"lora-c{best['features.chunk_length']}-o{best['features.overlap']}-r4"
+    assert run.data.tags["mlflow.note.content"].startswith("Final model: lora")
+    inputs = {
+        (d.dataset.name, next(t.value for t in d.tags if t.key == "mlflow.data.context"))
+        for d in run.inputs.dataset_inputs
+    }
+    assert inputs == {("squad-train", "training"), ("squad-dev", "evaluation")}  # validation articles trained on
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) >= 1
+    lr = client.get_metric_history(run.info.run_id, "learning_rate")  # every 2 of the 6 steps
+    assert [m.step for m in lr] == [2, 4, 6] and all(m.value > 0 for m in lr[:-1])
+    assert len(client.get_metric_history(run.info.run_id, "train_loss_step")) == 3
     children = client.search_runs(
         [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{search['mlflow_parent_run_id']}'"
     )
@@ -163,14 +174,20 @@ def test_dvc_repro_runs_the_stages_and_reruns_only_what_changed(project: Path, p
     first = _dvc(project, "repro", env=env)
     for stage in ("prepare", "tune", "featurize", "train", "evaluate", "register", "promote"):
         assert f"Running stage '{stage}'" in first
+    # a tracked file names no machine path; the MLflow run names the commit, not "-dirty" from its own outputs
+    tracked = subprocess.run(["git", "ls-files"], cwd=project, capture_output=True, text=True).stdout.split()
+    for name in [*tracked, "dvc.lock"]:
+        if (project / name).is_file() and (project / name).suffix in {".yaml", ".json", ".csv", ".lock", ""}:
+            assert str(project) not in (project / name).read_text(errors="ignore"), name
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert set(lock["stages"]) == {"prepare", "tune", "featurize", "train", "evaluate", "register", "promote"}
     promotion = json.loads((project / "results" / "promotion.json").read_text())
     assert promotion["promoted"] and promotion["reason"] == "first model: there was no champion"
     plots = json.loads(_dvc(project, "plots", "show", "--json", env=env))["data"]
-    assert {"results/search/heatmap.png", "results/search/durations.png"} <= set(plots)
-    bars = plots["Search, validation F1 per grid point"][0]["content"]["data"]["values"]
-    assert {row["point"] for row in bars} == {"c64-o32-r4", "c96-o32-r4", "c96-o48-r4", "c64-o48-r4"}
+    images = {"results/learning_curves.png", "results/search/heatmap.png", "results/search/durations.png"}
+    assert set(plots) == images  # images only: DVC's Vega plots are blank offline
+    for name in images:
+        assert (project / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     metrics_out = _dvc(project, "metrics", "show", env=env)
     f1 = json.loads((project / "results" / "metrics.json").read_text())["f1"]
     assert "results/metrics.json" in metrics_out and "exact_match" in metrics_out and f"{f1:g}"[:4] in metrics_out
@@ -185,6 +202,32 @@ def test_dvc_repro_runs_the_stages_and_reruns_only_what_changed(project: Path, p
         assert f"Stage '{stage}' didn't change, skipping" in second
     assert "Running stage 'evaluate'" in second
     assert _dvc(project, "status", env=env).strip().endswith("Data and pipelines are up to date.")
+
+
+def test_make_run_and_dvc_repro_are_one_path(project: Path, prefect_server: str) -> None:
+    """`spanflow run` (make run) on params.yaml leaves dvc.lock recording its outputs: nothing left to redo;
+    with an override it leaves dvc.lock alone, and DVC sees the difference."""
+    import mlflow
+
+    _git_dvc_init(project)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_API_URL": prefect_server}
+    run = subprocess.run([str(BIN / "spanflow"), "run"], cwd=project, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "dvc.lock records this run" in run.stdout + run.stderr
+    assert _dvc(project, "status", env=env).strip().endswith("Data and pipelines are up to date.")
+    again = _dvc(project, "repro", env=env)
+    assert "Running stage" not in again, again
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    train_run = client.get_run(json.loads((project / "models/final/run.json").read_text())["run_id"])
+    assert train_run.data.tags["git_commit"] == commit
+
+    run = subprocess.run(
+        [str(BIN / "spanflow"), "run", "--set", "eval.n_best=5"], cwd=project, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "dvc.lock left as it was" in run.stdout + run.stderr
+    assert "evaluate" in _dvc(project, "status", env=env)
 
 
 def _bad_offset(project: Path) -> tuple[str, bytes, list[str]]:
@@ -206,7 +249,7 @@ def _gzip_of_text(project: Path) -> tuple[str, bytes, list[str]]:
 @pytest.mark.parametrize("make_bad", [_bad_offset, _truncated_gzip, _gzip_of_text])
 def test_bad_input_stops_the_flow_and_writes_nothing(project: Path, prefect_server: str, make_bad) -> None:
     from flows.stages import prepare_flow
-    from tasks.data import DataValidationError
+    from spanflow.data.squad import DataValidationError
 
     name, payload, named = make_bad(project)
     bad = project / "data/squad" / name

@@ -1,4 +1,4 @@
-"""The QA loss over real tokens (tasks/qa_loss.py): Hugging Face's loss where nothing is padded, and the same
+"""The QA loss over real tokens (spanflow/models/qa_loss.py): Hugging Face's loss where nothing is padded, and the same
 value and gradient however wide the padding, on a tiny random BERT with the real tokenizer (CPU)."""
 
 from __future__ import annotations
@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from spanflow.answering.inference import pad_batch
 from spanflow.config import ModelConfig
-from tasks.features import featurize
-from tasks.inference import pad_batch
-from tasks.modeling import load_backbone, load_tokenizer
-from tasks.qa_loss import span_loss
+from spanflow.data.features import featurize
+from spanflow.models.modeling import load_backbone, load_tokenizer
+from spanflow.models.qa_loss import span_loss
 from tests.helpers import make_tiny_model_dir, tiny_config, tiny_records
 
 

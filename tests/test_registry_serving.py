@@ -263,7 +263,7 @@ def test_registered_span_scoring_decides_the_served_answers(project: Path, tmp_p
     from mlflow.models import Model
     from mlflow.pyfunc import PythonModelContext
 
-    from tasks.qa_pyfunc import SpanQAModel
+    from spanflow.serving.qa_pyfunc import SpanQAModel
 
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL_NAME}@champion", dst_path=str(tmp_path)))
     artifacts = Model.load(local).flavors["python_function"]["artifacts"]

@@ -87,7 +87,7 @@ def project(tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def _study(cfg) -> optuna.Study:
-    from tasks.search import study_name
+    from spanflow.search.study import study_name
 
     return optuna.load_study(study_name=study_name(cfg), storage=cfg.search_storage)
 
@@ -99,8 +99,8 @@ def _finished_per_point(study: optuna.Study) -> Counter:
 def test_search_trains_each_valid_point_once_skips_invalid_ones_and_nests_runs(project: Path) -> None:
     from mlflow import MlflowClient
 
-    from tasks.best_params import BEST_PARAMS_FILE, final_config
-    from tasks.search import HEATMAP_FILE, TRIALS_FILE, tune_stage
+    from spanflow.search.best_params import BEST_PARAMS_FILE, final_config
+    from tasks.tune import HEATMAP_FILE, TRIALS_FILE, tune_stage
 
     cfg = load_config("params.yaml")
     summary = tune_stage(cfg)
@@ -185,18 +185,19 @@ def test_search_trains_each_valid_point_once_skips_invalid_ones_and_nests_runs(p
 
 
 def test_a_failed_point_fails_the_search_and_only_it_is_rerun(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import tasks.search_worker
-    from tasks.best_params import BEST_PARAMS_FILE
-    from tasks.search import SearchIncomplete, tune_stage
+    import spanflow.search.worker
+    from spanflow.search.best_params import BEST_PARAMS_FILE
+    from spanflow.search.study import SearchIncomplete
+    from tasks.tune import tune_stage
 
-    real_train = tasks.search_worker.train_model
+    real_train = spanflow.search.worker.train_model
 
     def train_or_break(prepared, train_feats, val_feats, val_records, cfg, *args, **kwargs):
         if (cfg.features.chunk_length, cfg.features.overlap, cfg.method.lora.rank) == (64, 32, 4):
             raise RuntimeError("out of memory (injected)")
         return real_train(prepared, train_feats, val_feats, val_records, cfg, *args, **kwargs)
 
-    monkeypatch.setattr(tasks.search_worker, "train_model", train_or_break)
+    monkeypatch.setattr(spanflow.search.worker, "train_model", train_or_break)
     cfg = load_config("params.yaml", ["search.pruner.name=none"])  # the retry's outcome must not hinge on F1s
     with pytest.raises(SearchIncomplete, match="c64-o32-r4"):
         tune_stage(cfg)
@@ -207,7 +208,7 @@ def test_a_failed_point_fails_the_search_and_only_it_is_rerun(project: Path, mon
     assert _finished_per_point(study) == Counter({key: 1 for key in VALID - {"c64-o32-r4"}})
     assert not BEST_PARAMS_FILE.exists()  # no choice from an incomplete grid
 
-    monkeypatch.setattr(tasks.search_worker, "train_model", real_train)
+    monkeypatch.setattr(spanflow.search.worker, "train_model", real_train)
     summary = tune_stage(cfg)
     study = _study(cfg)
     assert _finished_per_point(study) == Counter({key: 1 for key in VALID})
@@ -267,7 +268,7 @@ def test_saved_time_of_a_pruned_trial_is_its_missing_steps() -> None:
     from optuna.distributions import CategoricalDistribution
     from optuna.trial import create_trial
 
-    from tasks.search import trial_rows
+    from spanflow.search.study import trial_rows
 
     study = optuna.create_study(direction="maximize")
     dists = {
@@ -296,7 +297,7 @@ def test_saved_time_of_a_pruned_trial_is_its_missing_steps() -> None:
 
 
 def test_rungs_are_geometric_below_the_budget_and_end_at_it() -> None:
-    from tasks.search_worker import rung_steps, trial_steps
+    from spanflow.search.worker import rung_steps, trial_steps
 
     cfg = load_config(None, ["search.pruner.min_steps=25", "search.pruner.reduction_factor=2"])
     assert rung_steps(cfg, 100) == [25, 50, 100]
@@ -308,7 +309,7 @@ def test_rungs_are_geometric_below_the_budget_and_end_at_it() -> None:
 
 
 def test_the_study_name_changes_with_what_trials_depend_on_only(project: Path) -> None:
-    from tasks.search import study_name
+    from spanflow.search.study import study_name
 
     cfg = load_config("params.yaml")
     name = study_name(cfg)

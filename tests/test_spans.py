@@ -1,4 +1,4 @@
-"""Span decoding (tasks/spans.py): hand-built numpy logits on top of real features of tiny records."""
+"""Span decoding (spanflow/answering/spans.py): hand-built numpy logits on top of real features of tiny records."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import re
 import numpy as np
 import pytest
 
+from spanflow.answering.spans import Answer, apply_no_answer_threshold, best_spans
 from spanflow.config import ModelConfig
-from tasks.features import Features, featurize
-from tasks.modeling import load_tokenizer
-from tasks.spans import Answer, apply_no_answer_threshold, best_spans
+from spanflow.data.features import Features, featurize
+from spanflow.models.modeling import load_tokenizer
 
 LOW = -10.0
 CONTEXT = "The Alder river flows through Norland. It is 420 kilometres long and was mapped in 1780."
@@ -306,7 +306,7 @@ def test_threshold_end_to_end(tiny):
 
 
 def test_v1_answers_keep_the_best_span_however_strong_the_null_score() -> None:
-    from tasks.spans import answer_texts
+    from spanflow.answering.spans import answer_texts
 
     answers = [Answer("Paris", 0, 5, 1.0, 9.0), Answer("", -1, -1, float("-inf"), 3.0)]
     assert answer_texts(answers, "1.1", 0.0) == ["Paris", ""]

@@ -1,4 +1,4 @@
-"""Tests for tasks.squad_metrics: official leaderboard numbers plus hand-computed cases."""
+"""Tests for spanflow.answering.squad_metrics: official leaderboard numbers plus hand-computed cases."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from typing import Any
 
 import pytest
 
-from tasks.data import load_squad_json
-from tasks.squad_metrics import (
+from spanflow.answering.squad_metrics import (
     exact_match,
     exact_match_v2,
     f1,
@@ -19,6 +18,7 @@ from tasks.squad_metrics import (
     score,
     score_prediction_file,
 )
+from spanflow.data.squad import load_squad_json
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 LEADERBOARD = DATA / "leaderboard"

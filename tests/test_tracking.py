@@ -1,4 +1,4 @@
-"""tasks.tracking: MLflow follows the config of each run, in a process that runs several."""
+"""spanflow.tracking.runs: MLflow follows the config of each run, in a process that runs several."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import mlflow
 import pytest
 
 from spanflow.config import load_config
-from tasks.tracking import setup_mlflow
+from spanflow.tracking.runs import setup_mlflow
 
 
 def test_each_project_logs_to_its_own_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

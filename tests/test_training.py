@@ -14,11 +14,11 @@ import pytest
 import torch
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer, BertForQuestionAnswering, set_seed
 
+from spanflow.answering.inference import pad_batch, padded_width, resolve_precision, run_model
 from spanflow.config import Config, ConfigError, MethodConfig, ModelConfig
-from tasks.data import validate
-from tasks.features import Features, featurize
-from tasks.inference import pad_batch, padded_width, resolve_precision, run_model
-from tasks.modeling import (
+from spanflow.data.features import Features, featurize
+from spanflow.data.squad import validate
+from spanflow.models.modeling import (
     PreparedModel,
     apply_method,
     count_params,
@@ -28,14 +28,14 @@ from tasks.modeling import (
     resolve_model_path,
     trainable_state,
 )
-from tasks.passes import attention_kernel, length_sorted_passes
-from tasks.training import (
+from spanflow.training.loop import (
     EpochStats,
     TrainResult,
     accumulate_batch,
     latest_checkpoint,
     train_model,
 )
+from spanflow.training.passes import attention_kernel, length_sorted_passes
 from tests.helpers import make_tiny_model_dir, tiny_config, tiny_records
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft x transformers 5
@@ -452,8 +452,8 @@ def test_run_model_is_independent_of_batching(model_dir: Path, feats: Features, 
     assert [len(s) for s in s8] == feats.lengths()  # trimmed to each chunk, in feature order
     for a, b in zip(s1 + e1, s8 + e8, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)  # padding is masked out
-    # the loss is the chunk-weighted mean of (start CE + end CE) / 2 over each chunk's own tokens (tasks.qa_loss),
-    # so it follows from the trimmed logits, and padding (batch 8) does not change it
+    # the loss is the chunk-weighted mean of (start CE + end CE) / 2 over each chunk's own tokens
+    # (spanflow.models.qa_loss), so it follows from the trimmed logits, and padding (batch 8) does not change it
     ce = [
         (-torch.log_softmax(torch.tensor(s), 0)[a] - torch.log_softmax(torch.tensor(e), 0)[b]).item() / 2
         for s, e, a, b in zip(s1, e1, feats.start_positions, feats.end_positions, strict=True)
@@ -753,7 +753,7 @@ def test_hidden_dropout_setting_reaches_the_hidden_states_only(model_dir: Path) 
 def test_attention_dropout_on_a_model_without_that_setting_is_refused(tmp_path: Path) -> None:
     from transformers import GPT2Config
 
-    from tasks.modeling import backbone_config
+    from spanflow.models.modeling import backbone_config
 
     GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path)
     refused = r"model\.attention_dropout: GPT2Config .* set model.attention_dropout to null"
@@ -771,7 +771,7 @@ def test_attention_dropout_on_a_model_without_that_setting_is_refused(tmp_path: 
 def test_warm_start_loads_a_trials_weights_and_names_a_mismatch(model_dir: Path, tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from tasks.warm_start import load_warm_start
+    from spanflow.models.warm_start import load_warm_start
 
     def lora(rank: int, seed: int) -> PreparedModel:
         method = MethodConfig(name="lora")
@@ -795,3 +795,16 @@ def test_warm_start_loads_a_trials_weights_and_names_a_mismatch(model_dir: Path,
     full = apply_method(load_backbone(ModelConfig(name_or_path=str(model_dir))), MethodConfig(name="full"))
     with pytest.raises(ValueError, match="do not match the final model's trainable weights"):
         load_warm_start(full.model, path)
+
+
+def test_progress_in_a_log_prints_plain_lines_only_when_the_count_moved(capsys: pytest.CaptureFixture) -> None:
+    from spanflow.training.progress import Progress
+
+    bar = Progress(list(range(4)), "epoch 1/1", every_seconds=0.0, tty=False)
+    for i in bar:
+        bar.set_postfix(loss=f"{4 - i:.3f}")
+    bar.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(",")[0] for line in lines] == [f"epoch 1/1: batch {k} of 4 ({25 * k}%)" for k in (1, 2, 3, 4)]
+    assert "loss 4.000" in lines[0] and "batches/s" in lines[0] and "left" in lines[0]
+    assert "\r" not in capsys.readouterr().err  # no redraws

@@ -25,17 +25,17 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 from transformers import set_seed
 
+from spanflow.answering.inference import default_device
 from spanflow.config import Config
+from spanflow.data.features import Features, Record, featurize
+from spanflow.data.squad import read_jsonl
+from spanflow.models.modeling import apply_method, load_backbone, load_tokenizer
+from spanflow.models.warm_start import log_trial_weights
 from spanflow.paths import PREPARED
-from tasks.data import read_jsonl
-from tasks.features import Features, Record, featurize
-from tasks.grid import GridPoint
-from tasks.grid_claims import ClaimBoard
-from tasks.inference import default_device
-from tasks.modeling import apply_method, load_backbone, load_tokenizer
-from tasks.tracking import setup_mlflow
-from tasks.training import EpochStats, train_model
-from tasks.warm_start import log_trial_weights
+from spanflow.search.claims import ClaimBoard
+from spanflow.search.grid import GridPoint
+from spanflow.tracking.runs import setup_mlflow
+from spanflow.training.loop import EpochStats, train_model
 
 
 @dataclass(frozen=True)
@@ -170,8 +170,9 @@ class SearchWorker:
         """Train every point of the session's list that this worker wins; returns how many it ran."""
         setup_mlflow(self.cfg)
         ran = 0
-        for point, attempt in self.ctx.todo:
+        for k, (point, attempt) in enumerate(self.ctx.todo, start=1):
             if self.board.claim(self.ctx.study_name, point.key, attempt, self.worker):
+                print(f"grid point {k} of {len(self.ctx.todo)} to train: {point.key}", flush=True)
                 self.run_point(point, attempt)
                 ran += 1
         self.board.dispose()

@@ -6,6 +6,7 @@ its trainable-parameter count. The QA head is always trained.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,9 +116,11 @@ def _lora(backbone: PreTrainedModel, cfg: MethodConfig) -> torch.nn.Module:
         target_modules=lora.target_modules,
         modules_to_save=[QA_HEAD],
     )
-    model = get_peft_model(backbone, peft_cfg)
+    with warnings.catch_warnings():  # PEFT asks transformers 5 by a name it deprecates; nothing for a user to do
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = get_peft_model(backbone, peft_cfg)
     if lora.fused:
-        from tasks.lora_fused import fuse_lora
+        from spanflow.models.lora_fused import fuse_lora
 
         fuse_lora(model)
     return model

@@ -7,9 +7,9 @@ from typing import Any
 import yaml
 
 from spanflow.config import Config, ConfigError
+from spanflow.io_utils import atomic_write_text
 from spanflow.paths import RESULTS
-from tasks.grid import SEARCHED_KEYS
-from tasks.io_utils import atomic_write_text
+from spanflow.search.grid import SEARCHED_KEYS
 
 BEST_PARAMS_FILE = RESULTS / "best_params.yaml"
 

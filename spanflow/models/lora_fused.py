@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
-from tasks.last_tensor import LastDerived
+from spanflow.training.last_tensor import LastDerived
 
 
 class _LoraLinearFn(torch.autograd.Function):
@@ -140,12 +140,12 @@ def fuse_lora(model: torch.nn.Module) -> int:
 
 
 def release_fp32_bases(model: torch.nn.Module, dtype: torch.dtype) -> int:
-    """Cast the frozen base weight of every fused LoRA Linear to the compute `dtype` now (the copy the forward
-    uses, the same bits), and hand the fp32 original's pages back to the kernel (`tasks.paging`): training never
-    reads it again, so the frozen base is resident once, in the compute dtype, as when a LoRA base is loaded in
-    bf16. The fp32 weights stay the weights: merging, exporting or an fp32 forward read them again (from the
+    """Cast the frozen base weight of every fused LoRA Linear to the compute `dtype` now (the copy the forward uses,
+    the same bits), and hand the fp32 original's pages back to the kernel (`spanflow.training.paging`): training
+    never reads it again, so the frozen base is resident once, in the compute dtype, as when a LoRA base is loaded
+    in bf16. The fp32 weights stay the weights: merging, exporting or an fp32 forward read them again (from the
     checkpoint file, which Hugging Face maps). Returns the bytes handed back."""
-    from tasks.paging import page_out
+    from spanflow.training.paging import page_out
 
     released = 0
     for module in model.modules():

@@ -19,23 +19,29 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def learning_curves(history: list[dict], path: Path) -> Path:
-    """Training and validation loss, and validation F1, per epoch."""
-    epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_f1) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
-    validated = any(h["val_loss"] is not None for h in history)
-    if validated:
-        ax_loss.plot(epochs, [h["val_loss"] for h in history], "s-", label="validation loss")
-        ax_f1.plot(epochs, [h["val_f1"] for h in history], "o-", label="validation F1")
-        ax_f1.plot(epochs, [h["val_exact_match"] for h in history], "s--", label="validation EM")
+def learning_curves(history: list[dict], path: Path, step_log: list[tuple[int, float, float]] | None = None) -> Path:
+    """Training loss every few steps (`step_log`) with validation loss at each epoch's end, the learning rate,
+    and validation EM / F1, over optimizer steps."""
+    fig, (ax_loss, ax_lr, ax_f1) = plt.subplots(1, 3, figsize=(14, 4), layout="constrained")
+    ends = [h["step"] for h in history]
+    if step_log:
+        steps = [s for s, _, _ in step_log]
+        ax_loss.plot(steps, [loss for _, loss, _ in step_log], "-", lw=1, label="train loss (since the last point)")
+        ax_lr.plot(steps, [lr for _, _, lr in step_log], "-")
+    else:
+        ax_lr.text(0.5, 0.5, "no step log\n(train.log_every_steps: 0)", ha="center", va="center")
+    ax_loss.plot(ends, [h["train_loss"] for h in history], "o", label="train loss (epoch mean)")
+    if any(h["val_loss"] is not None for h in history):
+        ax_loss.plot(ends, [h["val_loss"] for h in history], "s-", label="validation loss")
+        ax_f1.plot(ends, [h["val_f1"] for h in history], "o-", label="validation F1")
+        ax_f1.plot(ends, [h["val_exact_match"] for h in history], "s--", label="validation EM")
     else:  # trained on the validation articles too (train.include_validation)
         ax_f1.text(0.5, 0.5, "no validation split\n(train.include_validation)", ha="center", va="center")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
-    ax_f1.set(xlabel="epoch", ylabel="score (%)", title="Validation EM / F1")
-    for ax in (ax_loss, ax_f1):
+    ax_loss.set(xlabel="optimizer step", ylabel="loss", title="Loss")
+    ax_lr.set(xlabel="optimizer step", ylabel="learning rate", title="Learning rate (warm-up, linear decay)")
+    ax_f1.set(xlabel="optimizer step", ylabel="score (%)", title="Validation EM / F1")
+    for ax in (ax_loss, ax_lr, ax_f1):
         ax.grid(alpha=0.3)
-        ax.set_xticks(epochs)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     return _save(fig, path)

@@ -264,7 +264,7 @@ def score_prediction_file(
     na_threshold: float = 1.0,
 ) -> dict[str, float]:
     """Score a ``{id: answer}`` JSON file against an official dataset file (like the scripts)."""
-    from tasks.data import load_squad_json  # the validating reader
+    from spanflow.data.squad import load_squad_json  # the validating reader
 
     records, version = load_squad_json(dataset_path)
     with open(prediction_path, encoding="utf-8") as fh:

@@ -11,8 +11,8 @@ from typing import Any
 import mlflow
 
 from spanflow.config import Config
+from spanflow.io_utils import atomic_write_json
 from spanflow.paths import MODEL
-from tasks.io_utils import atomic_write_json
 
 RUN_FILE = MODEL / "run.json"
 
@@ -35,10 +35,16 @@ def setup_mlflow(cfg: Config) -> str:
     return exp.experiment_id
 
 
+PIPELINE_OUTPUTS = ("results", "dvc.lock", "models/.gitignore", "data/.gitignore")  # tracked, rewritten by a run
+
+
 def git_commit() -> str:
+    """HEAD, with `-dirty` when tracked source differs from it; the files a run itself rewrites do not count."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+        excluded = [f":(exclude){p}" for p in PIPELINE_OUTPUTS]
+        status = ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *excluded]
+        dirty = subprocess.run(status, capture_output=True, text=True)
         return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -64,3 +70,24 @@ def load_run_ref() -> dict[str, Any]:
     if not RUN_FILE.is_file():
         raise FileNotFoundError(f"{RUN_FILE}: no trained model here; run the train stage first")
     return json.loads(RUN_FILE.read_text())
+
+
+def log_split_input(records: list[dict], name: str, source: str, context: str) -> None:
+    """Log a split as an MLflow dataset input of the active run (context: training / validation / evaluation):
+    its questions' ids, titles and questions, with the prepared file as the source. MLflow keeps the schema,
+    a digest and the row count, not the data."""
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        {
+            "id": [r["id"] for r in records],
+            "title": [r.get("title", "") for r in records],
+            "question": [r["question"] for r in records],
+        }
+    )
+    mlflow.log_input(mlflow.data.from_pandas(frame, source=source, name=name), context=context)
+
+
+def describe_run(text: str) -> None:
+    """The run's description in the MLflow UI (the `mlflow.note.content` tag)."""
+    mlflow.set_tag("mlflow.note.content", text)

@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import random
-import sys
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass, field
@@ -15,19 +14,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup, set_seed
 
+from spanflow.answering.inference import PRECISIONS, autocast, pad_batch, resolve_precision, run_model
+from spanflow.answering.spans import answer_texts, best_spans
+from spanflow.answering.squad_metrics import per_question_scores, score
 from spanflow.config import Config, TrainConfig
-from tasks.allocator import keeping_heap
-from tasks.features import Features, Record
-from tasks.inference import PRECISIONS, autocast, pad_batch, resolve_precision, run_model
-from tasks.lora_fused import release_fp32_bases
-from tasks.modeling import PreparedModel, load_trainable_state, trainable_state
-from tasks.passes import attention_kernel, length_sorted_passes
-from tasks.qa_loss import span_loss
-from tasks.spans import answer_texts, best_spans
-from tasks.squad_metrics import per_question_scores, score
+from spanflow.data.features import Features, Record
+from spanflow.models.lora_fused import release_fp32_bases
+from spanflow.models.modeling import PreparedModel, load_trainable_state, trainable_state
+from spanflow.models.qa_loss import span_loss
+from spanflow.training.allocator import keeping_heap
+from spanflow.training.passes import attention_kernel, length_sorted_passes
+from spanflow.training.progress import Progress
 
 
 @dataclass
@@ -50,6 +49,7 @@ class TrainResult:
     steps: int = 0
     best_epoch: int = 0
     stopped_early: bool = False
+    step_log: list[tuple[int, float, float]] = field(default_factory=list)  # (step, train loss, lr), every N steps
 
     @property
     def examples_per_second(self) -> float:
@@ -95,7 +95,7 @@ def accumulate_batch(
     precision: str,
     scaler: torch.amp.GradScaler,
 ) -> float:
-    """Forward and backward one batch in up to `tc.micro_batches` length-sorted passes (`tasks.passes`; the
+    """Forward and backward one batch in up to `tc.micro_batches` length-sorted passes (`spanflow.training.passes`; the
     gradients add up in .grad); returns the batch's loss summed over its chunks."""
     loss_sum = 0.0
     lengths = {i: len(feats.input_ids[i]) for i in idx}
@@ -158,7 +158,7 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-@keeping_heap  # the allocator keeps what the passes free for the next ones (tasks.allocator)
+@keeping_heap  # the allocator keeps what the passes free for the next ones (spanflow.training.allocator)
 def train_model(
     prepared: PreparedModel,
     train_feats: Features,
@@ -171,11 +171,13 @@ def train_model(
     on_epoch: Callable[[EpochStats], None] | None = None,
     on_eval: Callable[[EpochStats, dict[str, float]], None] | None = None,
     eval_steps: Collection[int] | None = None,
+    on_log: Callable[[int, float, float], None] | None = None,
 ) -> TrainResult:
     """Train `prepared.model`. With a validation split it is scored at every epoch's end (`on_epoch`) and
     after the optimizer steps in `eval_steps` (default: every `train.eval_every_steps`); `on_eval` gets each
-    of these scores with the per-question F1 behind it (the search's pruner watches them). A callback may
-    raise to stop the run."""
+    of these scores with the per-question F1 behind it (the search's pruner watches them). Every
+    `train.log_every_steps` optimizer steps `on_log` gets (step, mean training loss since the last call,
+    learning rate). A callback may raise to stop the run."""
     tc = cfg.train
     set_seed(tc.seed)
     if tc.num_threads:
@@ -228,6 +230,7 @@ def train_model(
         best_loss, best_state, bad_epochs = state["best_loss"], state["best_state"], state["bad_epochs"]
         best_score = state["best_score"]
         result.best_epoch = state["best_epoch"]
+        result.step_log = [tuple(x) for x in state.get("step_log", [])]
         start_epoch = state["epoch"] + 1
         if result.history[-1].val_loss is not None and bad_epochs >= tc.early_stopping_patience:
             start_epoch = tc.epochs + 1  # that run had stopped early: nothing left to train
@@ -259,9 +262,8 @@ def train_model(
         t0 = time.perf_counter()
         batches = epoch_batches(train_feats.lengths(), tc, epoch)
         loss_sum, seen, mid_eval_seconds = 0.0, 0, 0.0  # validation inside the epoch is not training time
-        # in a log file (Prefect, DVC, CI) a line every 30 s instead of a redraw per batch
-        interval = 0.1 if sys.stderr.isatty() else 30.0
-        bar = tqdm(batches, desc=f"epoch {epoch}/{tc.epochs}", unit="batch", leave=False, mininterval=interval)
+        logged_loss, logged_seen = 0.0, 0  # at the last step_log entry
+        bar = Progress(batches, f"epoch {epoch}/{tc.epochs}")
         for k, idx in enumerate(bar):
             loss_sum += accumulate_batch(model, train_feats, idx, pad_id, tc, device, precision, scaler)
             seen += len(idx)
@@ -273,7 +275,14 @@ def train_model(
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 result.steps += 1
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}", refresh=False)
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
+                if tc.log_every_steps and result.steps % tc.log_every_steps == 0:
+                    window = (loss_sum - logged_loss) / max(seen - logged_seen, 1)
+                    entry = (result.steps, round(window, 5), scheduler.get_last_lr()[0])
+                    result.step_log.append(entry)
+                    logged_loss, logged_seen = loss_sum, seen
+                    if on_log:
+                        on_log(*entry)
                 if tc.max_steps and result.steps >= tc.max_steps:
                     break
                 if len(val_feats) and is_eval_step(result.steps) and k + 1 < len(batches):
@@ -328,6 +337,7 @@ def train_model(
                 "best_loss": best_loss,
                 "best_score": best_score,
                 "best_state": best_state,
+                "step_log": result.step_log,
                 "best_epoch": result.best_epoch,
                 "bad_epochs": bad_epochs,
             },

@@ -1,8 +1,8 @@
 """Softmax attention for narrow CPU training passes: PyTorch's math attention, keeping less for backward.
 
 On the CPU the flash kernel's backward took a third of a training step at width 128; PyTorch's math kernel was
-faster up to width ~160, this one up to 256 (`tasks/passes.py`). Under bf16 autocast the math kernel computes
-in fp32 and autograd keeps its fp32 copies of query, key and value and the fp32 probabilities: 21 MiB per
+faster up to width ~160, this one up to 256 (`spanflow/training/passes.py`). Under bf16 autocast the math kernel
+computes in fp32 and autograd keeps its fp32 copies of query, key and value and the fp32 probabilities: 21 MiB per
 layer for 16 chunks of 128 tokens, 3.5x what the flash kernel keeps. This one computes the same fp32 forward,
 keeps query, key and value as they came (bf16) and the probabilities in the compute dtype (fp32 training keeps
 fp32): 10.5 MiB per layer. A boolean mask is added as a 0 / -inf bias, the same scores as `masked_fill`'s at a
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
-from tasks.last_tensor import LastDerived
+from spanflow.training.last_tensor import LastDerived
 
 
 def _fp32(x: torch.Tensor) -> torch.Tensor:

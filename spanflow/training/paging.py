@@ -12,7 +12,7 @@ import mmap
 
 import torch
 
-from tasks.allocator import linux_libc
+from spanflow.training.allocator import linux_libc
 
 MADV_PAGEOUT = 21  # linux/mman.h, since Linux 5.4
 

@@ -12,8 +12,8 @@ import mlflow
 import torch
 from safetensors.torch import load_file, save_file
 
+from spanflow.models.modeling import load_trainable_state, trainable_state
 from spanflow.paths import SEARCH_MODEL
-from tasks.modeling import load_trainable_state, trainable_state
 
 WARM_START_FILE = SEARCH_MODEL / "best_trial.safetensors"
 TRIAL_ARTIFACT = "trial/trainable.safetensors"  # in each complete trial's MLflow run

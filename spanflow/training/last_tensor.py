@@ -1,8 +1,8 @@
 """A tensor derived from the last tensor asked about, kept until another comes or that one changes in place.
 
 The layers of one pass read the same tensor: query, key and value the same hidden states (their bf16 cast,
-`tasks.lora_fused`), every attention layer the same mask (its 0 / -inf bias, `tasks.attention`). Deriving it
-once per pass saves the work and, for a tensor autograd keeps, the memory.
+`spanflow.models.lora_fused`), every attention layer the same mask (its 0 / -inf bias,
+`spanflow.training.attention`). Deriving it once per pass saves the work and, for a tensor autograd keeps, the memory.
 """
 
 from __future__ import annotations

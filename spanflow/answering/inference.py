@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForQuestionAnswering, PreTrainedModel
+from transformers import AutoModelForQuestionAnswering, AutoTokenizer, PreTrainedModel
 
-from tasks.features import Features, Record, featurize
-from tasks.qa_loss import span_loss
-from tasks.spans import DEFAULT_SPAN_SCORING, Answer, best_spans
+from spanflow.answering.spans import DEFAULT_SPAN_SCORING, Answer, answer_texts, best_spans
+from spanflow.config import Config
+from spanflow.data.features import Features, Record, featurize
+from spanflow.models.qa_loss import span_loss
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -159,3 +161,32 @@ def answer_questions(
     feats = featurize(records, tokenizer, chunk_length, overlap, max_query_length)
     starts, ends, _ = run_model(model, feats, batch_size, precision, tokenizer.pad_token_id, workers=workers)
     return best_spans(records, feats, starts, ends, max_answer_length, n_best, span_scoring)
+
+
+def predict_records(
+    cfg: Config, model_dir: Path, records: list[dict], version: str
+) -> tuple[dict[str, str], float, str]:
+    """id -> answer text for `records`, with the chunking and decoding of `cfg`; also the seconds it took
+    and the precision it ran in. The promotion gate re-scores an old champion through here too."""
+    device = default_device()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    precision = resolve_precision(cfg.train.precision, device)
+    model = load_qa_model(model_dir, precision, device)
+    t0 = time.perf_counter()
+    answers = answer_questions(
+        model,
+        tokenizer,
+        records,
+        cfg.features.chunk_length,
+        cfg.features.overlap,
+        cfg.features.max_query_length,
+        cfg.eval.max_answer_length,
+        cfg.eval.n_best,
+        cfg.eval.batch_size,
+        precision,
+        cfg.eval.workers,
+        cfg.eval.span_scoring,
+    )
+    seconds = time.perf_counter() - t0
+    texts = answer_texts(answers, version, cfg.eval.no_answer_threshold)
+    return {r["id"]: t for r, t in zip(records, texts, strict=True)}, seconds, precision

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:  # the config imports SPAN_SCORINGS: no torch for that
-    from tasks.features import Features, Record
+    from spanflow.data.features import Features, Record
 
 SPAN_SCORINGS = ("chunk_softmax", "logit_sum")
 DEFAULT_SPAN_SCORING = "chunk_softmax"  # eval.span_scoring's default

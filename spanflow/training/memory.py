@@ -31,6 +31,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024**2)
 
 
+def reset_peak_rss() -> bool:
+    """Start a new high-water mark at the current resident set (Linux: `5` to /proc/self/clear_refs), so a stage
+    run inside a longer process (the qa-pipeline flow) reports its own peak, not the process's; False where the
+    kernel does not allow it (then peaks stay process-wide)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def rss_mb() -> float | None:
     """This process's resident set now, in MiB (Linux's VmRSS); None where /proc has no such line."""
     return _status_mb("VmRSS")

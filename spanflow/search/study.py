@@ -1,18 +1,14 @@
-"""Stage tune: an Optuna study over chunk_length x overlap x lora_rank, shared by any number of
-workers through one storage URL, with one nested MLflow run per trial under the search's parent
-run. Writes `results/best_params.yaml` for the final stages, and `results/search/` (trials table,
-summary, heatmaps, durations) for people.
+"""The grid search's study: its name, which points are still to train, the workers that train them, and
+the summary of its trials (the tune stage, tasks/tune.py, writes the files).
 
-Each valid grid point is trained exactly once across all workers (see tasks/grid_claims.py).
+Each valid grid point is trained exactly once across all workers (see spanflow/search/claims.py).
 A point whose trial failed (exception, killed worker, lost heartbeat) is retried by the next run of
 the search; points with a finished (complete or pruned) trial never are.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import multiprocessing
 import os
@@ -23,37 +19,24 @@ from typing import Any
 
 import mlflow
 import optuna
-import yaml
 from optuna.trial import FrozenTrial, TrialState
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from sqlalchemy.engine import make_url
 
 from spanflow.config import Config
-from spanflow.paths import PREPARED, RESULTS
-from tasks.best_params import write_best_params
-from tasks.grid import SEARCHED_KEYS, GridPoint, split_grid
-from tasks.grid_claims import ClaimBoard, utc_now
-from tasks.grid_lead import best_lead
-from tasks.io_utils import atomic_write_json, atomic_write_text
-from tasks.plots import search_durations, search_heatmaps
-from tasks.search_worker import (
+from spanflow.paths import PREPARED
+from spanflow.search.claims import ClaimBoard, utc_now
+from spanflow.search.grid import SEARCHED_KEYS, GridPoint
+from spanflow.search.lead import best_lead
+from spanflow.search.worker import (
     SearchContext,
     SearchWorker,
     make_pruner,
-    open_storage,
     trial_config,
     worker_id,
     worker_main,
 )
-from tasks.tracking import git_commit, prefect_tags, setup_mlflow
-from tasks.warm_start import fetch_best_trial_weights
+from spanflow.tracking.runs import git_commit, setup_mlflow
 
-SEARCH_DIR = RESULTS / "search"
-TRIALS_FILE = SEARCH_DIR / "trials.csv"
-SUMMARY_FILE = SEARCH_DIR / "summary.json"
-HEATMAP_FILE = SEARCH_DIR / "heatmap.png"
-DURATIONS_FILE = SEARCH_DIR / "durations.png"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
@@ -122,7 +105,7 @@ def plan(study: optuna.Study, board: ClaimBoard, points: list[GridPoint], grace_
     return {"todo": todo, "done": done, "busy": busy}
 
 
-def _open_study(cfg: Config, name: str, storage: optuna.storages.RDBStorage) -> optuna.Study:
+def open_study(cfg: Config, name: str, storage: optuna.storages.RDBStorage) -> optuna.Study:
     space = asdict(cfg.search.space)
     return optuna.create_study(
         study_name=name,
@@ -134,7 +117,7 @@ def _open_study(cfg: Config, name: str, storage: optuna.storages.RDBStorage) -> 
     )
 
 
-def _parent_run(cfg: Config, study: optuna.Study) -> str:
+def parent_run(cfg: Config, study: optuna.Study) -> str:
     """The search's MLflow run: created once per study, reopened when the search is resumed."""
     run_id = study.user_attrs.get("mlflow_parent_run_id")
     experiment_id = setup_mlflow(cfg)
@@ -153,7 +136,7 @@ def _parent_run(cfg: Config, study: optuna.Study) -> str:
     return run.info.run_id
 
 
-def _run_workers(ctx: SearchContext, workers: int, storage: optuna.storages.RDBStorage) -> None:
+def run_workers(ctx: SearchContext, workers: int, storage: optuna.storages.RDBStorage) -> None:
     """One worker in this process, or `workers` spawned processes; a dead process's trial is failed."""
     if workers == 1:
         SearchWorker(ctx).run()
@@ -196,7 +179,7 @@ def _fail_trials_of(ctx: SearchContext, storage: optuna.storages.RDBStorage, pid
             print(f"trial {t.number} {t.user_attrs.get('point')}: failed, its worker (pid {t.user_attrs['pid']}) died")
 
 
-def _wait_for_others(study: optuna.Study, points: list[GridPoint], grace_seconds: int) -> None:
+def wait_for_others(study: optuna.Study, points: list[GridPoint], grace_seconds: int) -> None:
     """Points still running on other machines: wait for them (dead ones are failed by heartbeat)."""
     keys = {p.key for p in points}
     while True:
@@ -249,7 +232,7 @@ def trial_rows(study: optuna.Study, skipped: dict[GridPoint, str]) -> list[dict[
 
 
 def lead_of_best(study: optuna.Study, rows: list[dict], best: dict | None, seed: int) -> dict | None:
-    """The best point's lead over the runner-up against the noise (tasks/grid_lead.py)."""
+    """The best point's lead over the runner-up against the noise (spanflow/search/lead.py)."""
     if best is None:
         return None
     attrs = {t.number: t.user_attrs for t in study.get_trials(deepcopy=False)}
@@ -259,39 +242,7 @@ def lead_of_best(study: optuna.Study, rows: list[dict], best: dict | None, seed:
     return best_lead(trials, seed)
 
 
-def _write_outputs(rows: list[dict], summary: dict) -> None:
-    SEARCH_DIR.mkdir(parents=True, exist_ok=True)
-    fields = [
-        "trial",
-        "point",
-        "chunk_length",
-        "overlap",
-        "lora_rank",
-        "state",
-        "val_f1",
-        "val_exact_match",
-        "steps_run",
-        "budget_steps",
-        "seconds",
-        "saved_seconds",
-        "peak_rss_mb",
-        "worker",
-        "attempt",
-        "note",
-    ]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(TRIALS_FILE, buf.getvalue())
-    atomic_write_json(SUMMARY_FILE, summary)
-    search_heatmaps(rows, HEATMAP_FILE, summary["best_point"], summary["lead"])
-    search_durations(rows, DURATIONS_FILE)
-
-
-def _summarize(
-    study: optuna.Study, rows: list[dict], points: list[GridPoint], wall: float, seed: int
-) -> dict[str, Any]:
+def summarize(study: optuna.Study, rows: list[dict], points: list[GridPoint], wall: float, seed: int) -> dict[str, Any]:
     trials = [r for r in rows if r["state"] != "skipped"]
     count = {s: sum(r["state"] == s for r in rows) for s in ("complete", "pruned", "fail", "skipped")}
     finished = {r["point"] for r in trials if r["state"] in ("complete", "pruned")}
@@ -317,100 +268,3 @@ def _summarize(
         "pruning_saved_seconds": round(sum(r["saved_seconds"] or 0 for r in trials), 1),
         "lead": lead_of_best(study, rows, best, seed),
     }
-
-
-def _log_parent(cfg: Config, run_id: str, summary: dict, storage_url: str, failed: bool) -> None:
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_params(
-            {f"search.space.{k}": str(v) for k, v in asdict(cfg.search.space).items()}
-            | {f"search.trial.{k}": v for k, v in asdict(cfg.search.trial).items()}
-            | {f"search.pruner.{k}": v for k, v in asdict(cfg.search.pruner).items()}
-        )
-        mlflow.set_tags({"optuna.storage": redact(storage_url), **prefect_tags()})
-        numbers = {k: float(v) for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-        lead = summary["lead"] or {}
-        numbers |= {k: v for k, v in lead.items() if k.startswith("lead_")}
-        mlflow.log_metrics(numbers)
-        if lead:
-            mlflow.set_tags({"search.separated": str(lead["separated"]), "search.verdict": lead["verdict"]})
-        if summary["best_params"]:
-            mlflow.log_text(yaml.safe_dump(summary["best_params"]), "best_params.yaml")
-        for path in (TRIALS_FILE, SUMMARY_FILE, HEATMAP_FILE, DURATIONS_FILE):
-            mlflow.log_artifact(str(path), "search")
-    mlflow.MlflowClient().set_terminated(run_id, "FAILED" if failed else "FINISHED")
-
-
-def tune_stage(cfg: Config, workers: int | None = None) -> dict[str, Any]:
-    """Run (or resume) the grid search; write best_params.yaml; raise SearchIncomplete on failed points."""
-    if not cfg.search.enabled:
-        params = {dotted: cfg.get(dotted) for dotted in SEARCHED_KEYS.values()}
-        write_best_params(params, {"source": "params.yaml (search.enabled is false)", "warm_start": None})
-        fetch_best_trial_weights(None)  # no trial to start from: models/search/ left empty
-        return {"best_params": params, "study": None}
-
-    t0 = time.perf_counter()
-    points, skipped = split_grid(cfg)
-    for point, reason in skipped.items():
-        print(f"grid point {point.key}: skipped, {reason}")
-    url = cfg.search_storage
-    storage = open_storage(url, cfg.search.heartbeat_seconds)
-    name = study_name(cfg)
-    study = _open_study(cfg, name, storage)
-    study.set_user_attr("skipped_points", {p.key: reason for p, reason in skipped.items()})
-    board = ClaimBoard(url)
-    grace = 3 * cfg.search.heartbeat_seconds
-    work = plan(study, board, points, grace)
-    board.dispose()
-    print(
-        f"study {name} on {redact(url)}: {len(points)} points ({len(skipped)} skipped), "
-        f"{len(work['done'])} already done, {len(work['busy'])} running elsewhere, {len(work['todo'])} to train"
-    )
-    parent = _parent_run(cfg, study)
-    ctx = SearchContext(cfg, name, url, parent, tuple(work["todo"]))
-    if work["todo"]:
-        _run_workers(ctx, workers or cfg.search.workers, storage)
-    _wait_for_others(study, points, grace)
-
-    rows = trial_rows(study, skipped)
-    wall = time.perf_counter() - t0
-    study.set_user_attr("wall_seconds_total", study.user_attrs.get("wall_seconds_total", 0.0) + wall)
-    summary = _summarize(study, rows, points, wall, cfg.train.seed)
-    _write_outputs(rows, summary)
-    missing = summary["points_missing"]
-    _log_parent(cfg, parent, summary, url, failed=bool(missing))
-    if summary["best_params"] and not missing:
-        best_run = study.trials[summary["best_trial"]].user_attrs.get("mlflow_run_id")
-        warm = fetch_best_trial_weights(best_run)
-        write_best_params(
-            summary["best_params"],
-            {
-                "source": "search",
-                "study": name,
-                "storage": redact(os.environ.get("OPTUNA_STORAGE") or cfg.search.storage),  # as configured
-                "trial": summary["best_trial"],
-                "separated_from_runner_up": (summary["lead"] or {}).get("separated"),
-                "val_f1": summary["best_val_f1"],
-                "val_exact_match": summary["best_val_exact_match"],
-                "mlflow_parent_run_id": parent,
-                "mlflow_run_id": best_run,
-                "warm_start": str(warm) if warm else None,  # the best trial's trained weights
-            },
-        )
-    best_f1 = f"{summary['best_val_f1']:.2f}" if summary["best_val_f1"] is not None else "-"
-    print(
-        f"search: best {summary['best_point']} val F1 {best_f1}; "
-        f"{summary['trials_complete']} complete, {summary['trials_pruned']} pruned, {summary['trials_failed']} failed; "
-        f"{summary['wall_seconds']:.0f}s wall ({summary['wall_seconds_total']:.0f}s over all runs of the study), "
-        f"~{summary['pruning_saved_seconds']:.0f}s saved by pruning"
-    )
-    if summary["lead"]:
-        print(f"search: {summary['lead']['verdict']}")
-    if missing:
-        raise SearchIncomplete(
-            f"study {name}: no finished trial for {', '.join(missing)}; rerun the search (spanflow tune) "
-            "to train only these points"
-        )
-    return {**summary, "mlflow_parent_run_id": parent}
-
-
-tune_task = task(tune_stage, name="tune", cache_policy=NO_CACHE)

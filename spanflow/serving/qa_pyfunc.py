@@ -49,7 +49,7 @@ class SpanQAModel(PythonModel):
     def load_context(self, context: PythonModelContext) -> None:
         from transformers import AutoTokenizer
 
-        from tasks.inference import default_device, load_qa_model
+        from spanflow.answering.inference import default_device, load_qa_model
 
         with open(context.artifacts["settings"]) as fh:
             self.settings = json.load(fh)
@@ -59,8 +59,8 @@ class SpanQAModel(PythonModel):
     def predict(
         self, context: PythonModelContext, model_input: pd.DataFrame, params: dict | None = None
     ) -> pd.DataFrame:
-        from tasks.inference import answer_questions
-        from tasks.spans import REGISTERED_BEFORE_SPAN_SCORING
+        from spanflow.answering.inference import answer_questions
+        from spanflow.answering.spans import REGISTERED_BEFORE_SPAN_SCORING
 
         records = request_records(model_input, self.settings["max_batch"])
         s = self.settings

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.bootstrap import paired_bootstrap
+from spanflow.answering.bootstrap import paired_bootstrap
 
 RESAMPLES = 2000
 CONFIDENCE = 0.95

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.io_utils import atomic_open, atomic_write_json, atomic_write_text
+from spanflow.io_utils import atomic_open, atomic_write_json, atomic_write_text
 
 __all__ = [
     "DataValidationError",

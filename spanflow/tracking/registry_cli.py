@@ -10,12 +10,13 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from spanflow.config import Config
-from tasks.tracking import setup_mlflow
+from spanflow.tracking.runs import setup_mlflow
 
 
 def champion_uri(cfg: Config) -> str:
@@ -114,7 +115,18 @@ def predict_file(cfg: Config, question: str, context_file: str, model_uri: str |
 
 
 def serve(cfg: Config, model_uri: str | None, host: str | None, port: int | None) -> None:
-    """Replace this process with `mlflow models serve` on the registered model (default: the champion)."""
+    """Replace this process with `mlflow models serve` on the registered model (default: the champion), once
+    the model's URI is known to resolve (a wrong one is a one-line error here, not a server traceback)."""
+    uri = model_uri or champion_uri(cfg)
+    store = cfg.tracking_uri.removeprefix("sqlite:///")
+    if uri.startswith("models:/") and store != cfg.tracking_uri and not Path(store).is_file():
+        raise ValueError(f"--model-uri {uri}: no MLflow store at {cfg.tracking_uri} here (run `make run` first)")
+    mlflow.set_tracking_uri(cfg.tracking_uri)  # to resolve models:/ URIs; opening a store would create one
+    try:
+        mlflow.models.get_model_info(uri)
+    except Exception as exc:  # MlflowException, OSError: whatever the store raises for a missing model
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"--model-uri {uri}: no model there ({message[:300]})") from None
     command = [
         sys.executable,
         "-m",
@@ -122,7 +134,7 @@ def serve(cfg: Config, model_uri: str | None, host: str | None, port: int | None
         "models",
         "serve",
         "-m",
-        model_uri or champion_uri(cfg),
+        uri,
         "--env-manager",
         "local",
         "--host",

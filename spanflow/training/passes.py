@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from tasks.attention import MathAttention
-from tasks.inference import padded_width
+from spanflow.answering.inference import padded_width
+from spanflow.training.attention import MathAttention
 
 
 def length_sorted_passes(
@@ -63,12 +63,12 @@ def length_sorted_passes(
 
 
 def attention_kernel(device: torch.device, width: int, math_max_width: int) -> contextlib.AbstractContextManager:
-    """Math attention (`tasks.attention`) for CPU passes up to `math_max_width` tokens wide, PyTorch's default
-    kernel otherwise. Training on the CPU, the flash kernel's backward took a third of a step at width 128
-    (29 ms per layer against 5 ms for its forward). With its bf16 backward, math attention made whole steps
-    1.1-1.3x faster from width 160 to 256 and tied at 8 x 384, but it keeps each layer's probabilities (rows x
-    heads x width^2 in bf16), where the flash kernel keeps none (`benchmarks/README.md`, eleventh round). They
-    compute the same attention; only the rounding differs."""
+    """Math attention (`spanflow.training.attention`) for CPU passes up to `math_max_width` tokens wide, PyTorch's
+    default kernel otherwise. Training on the CPU, the flash kernel's backward took a third of a step at width 128
+    (29 ms per layer against 5 ms for its forward). With its bf16 backward, math attention made whole steps 1.1-1.3x
+    faster from width 160 to 256 and tied at 8 x 384, but it keeps each layer's probabilities (rows x heads x
+    width^2 in bf16), where the flash kernel keeps none (`benchmarks/README.md`, eleventh round). They compute the
+    same attention; only the rounding differs."""
     if device.type == "cpu" and width <= math_max_width:
         return MathAttention()
     return contextlib.nullcontext()

@@ -1,0 +1,1 @@
+"""Answering over chunks, span decoding, SQuAD metrics, the paired bootstrap."""

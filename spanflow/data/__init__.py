@@ -1,0 +1,1 @@
+"""The SQuAD files: reading and checking."""

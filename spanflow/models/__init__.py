@@ -1,0 +1,1 @@
+"""Backbones, the fine-tuning methods and the QA loss."""

@@ -1,0 +1,1 @@
+"""The Optuna grid search over chunk length x overlap x LoRA rank."""
