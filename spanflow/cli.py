@@ -12,6 +12,7 @@ from pathlib import Path
 
 from spanflow import __version__
 from spanflow.config import Config, ConfigError, load_config, profile_overrides
+from spanflow.data.squad import names_a_file
 
 STAGES = ("prepare", "tune", "featurize", "train", "evaluate", "register", "promote")
 
@@ -89,10 +90,6 @@ def _registry_command(args: argparse.Namespace) -> None:
         registry_cli.serve(cfg, args.model_uri, args.host, args.port)
 
 
-def _looks_local(source: str) -> bool:
-    return "/" in source or "\\" in source or source.endswith((".json", ".json.gz", ".jsonl", ".parquet", ".csv"))
-
-
 def preflight(args: argparse.Namespace, cfg: Config) -> str | None:
     """What is wrong with the command's own inputs, found in milliseconds, before Prefect, MLflow or torch are
     imported; None when nothing is."""
@@ -100,7 +97,7 @@ def preflight(args: argparse.Namespace, cfg: Config) -> str | None:
     if reads_data:
         for key in ("train", "dev"):
             source = getattr(cfg.data, key)
-            if _looks_local(source) and not Path(source).exists():
+            if names_a_file(source) and not Path(source).exists():
                 return f"data.{key}: {source}: file not found (a local SQuAD .json/.json.gz, or a Hub dataset name)"
     if args.command == "predict" and not Path(args.context_file).is_file():
         return f"--context-file {args.context_file}: file not found"

@@ -23,9 +23,8 @@ from spanflow.training.memory import peak_rss_mb, reset_peak_rss
 def evaluate_stage(cfg: Config) -> dict:
     cfg = final_config(cfg)  # dev chunks split like the final model's training chunks
     reset_peak_rss()  # this stage's peak, not the flow process's
-    check_prepared(cfg)
+    version = check_prepared(cfg)["dev"]["squad_version"]
     records = read_jsonl(PREPARED / "dev.jsonl")
-    version = json.loads((PREPARED / "version.json").read_text())["dev"]["squad_version"]
     predictions, seconds, precision = predict_records(cfg, MODEL / "hf", records, version)
     scores = score(records, predictions, version)
 

@@ -18,7 +18,7 @@ import spanflow
 from spanflow.config import Config
 from spanflow.data.splits import check_prepared
 from spanflow.io_utils import atomic_write_json
-from spanflow.paths import METRICS_FILE, MODEL, REGISTERED_FILE, VERSION_FILE
+from spanflow.paths import METRICS_FILE, MODEL, REGISTERED_FILE
 from spanflow.search.best_params import final_config
 from spanflow.tracking.runs import load_run_ref, setup_mlflow
 
@@ -73,14 +73,13 @@ def register_stage(cfg: Config) -> dict:
     """Log the model to its training run and register a new version, tagged with its dev scores. No alias
     moves here: the promote stage moves `challenger` (and maybe `champion`) once every check passed."""
     cfg = final_config(cfg)  # the served model splits contexts like it was trained
-    check_prepared(cfg)
+    dev = check_prepared(cfg)["dev"]
     setup_mlflow(cfg)
     run_id = load_run_ref()["run_id"]
     name = cfg.registry.model_name
     client = MlflowClient()
     version = version_from_run(client, name, run_id) or log_and_register(cfg, run_id)
     metrics = json.loads(METRICS_FILE.read_text())
-    dev = json.loads(VERSION_FILE.read_text())["dev"]
     tags = {
         "dev_exact_match": metrics["exact_match"],
         "dev_f1": metrics["f1"],

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from spanflow.io_utils import atomic_write_json, atomic_write_text
 from spanflow.models.modeling import apply_method, export_merged, load_backbone, load_tokenizer
 from spanflow.models.warm_start import load_warm_start
 from spanflow.paths import CURVES_FILE, HISTORY_FILE, MODEL, PREPARED, TRAIN_SUMMARY_FILE
-from spanflow.search.best_params import BEST_PARAMS_FILE, final_config
+from spanflow.search.best_params import BEST_PARAMS_FILE, final_config, read_best_params
 from spanflow.tracking.plots import learning_curves
 from spanflow.tracking.runs import (
     describe_run,
@@ -38,8 +37,7 @@ from spanflow.training.loop import EpochStats, train_model
 from spanflow.training.memory import peak_rss_mb, reset_peak_rss
 
 
-def _data_tags() -> dict[str, str]:
-    version = json.loads((PREPARED / "version.json").read_text())
+def _data_tags(version: dict) -> dict[str, str]:
     tags = {}
     for split in ("train", "dev"):
         v = version[split]
@@ -70,11 +68,10 @@ def _start_run(cfg: Config, resume: bool) -> mlflow.ActiveRun:
     return mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
 
 
-def _search_tags(cfg: Config) -> dict[str, str]:
-    """Where the chunk length, overlap and rank came from."""
+def _search_tags(cfg: Config, info: dict) -> dict[str, str]:
+    """Where the chunk length, overlap and rank came from (`info`: best_params.yaml)."""
     if not cfg.search.enabled:
         return {"search.source": "params.yaml"}
-    info = yaml.safe_load(BEST_PARAMS_FILE.read_text())
     tags = {"search.source": str(info.get("source"))}
     for key in ("study", "trial", "mlflow_parent_run_id", "val_f1"):
         if info.get(key) is not None:
@@ -82,12 +79,12 @@ def _search_tags(cfg: Config) -> dict[str, str]:
     return tags
 
 
-def warm_start_file(cfg: Config) -> Path | None:
+def warm_start_file(cfg: Config, info: dict) -> Path | None:
     """The best trial's weights the final model starts from (train.warm_start), or None: no search, or the
-    search had none to give (best_params.yaml says which)."""
+    search had none to give (`info`, best_params.yaml, says which)."""
     if not (cfg.train.warm_start and cfg.search.enabled):
         return None
-    name = yaml.safe_load(BEST_PARAMS_FILE.read_text()).get("warm_start")
+    name = info.get("warm_start")
     if name is None:
         return None
     if not Path(name).is_file():
@@ -99,8 +96,9 @@ def train_stage(cfg: Config, resume: bool = False) -> dict:
     """Train the final model: params.yaml with the search's best point, on the training articles
     (plus the validation articles when train.include_validation, then without per-epoch validation)."""
     cfg = final_config(cfg)
+    best = read_best_params() if cfg.search.enabled else {}
     reset_peak_rss()  # this stage's peak, not the flow process's
-    check_prepared(cfg)
+    version = check_prepared(cfg)
     tokenizer = load_tokenizer(cfg.model)
     train_feats = load_split_features(cfg, "train")
     if cfg.train.include_validation:
@@ -111,7 +109,9 @@ def train_stage(cfg: Config, resume: bool = False) -> dict:
     with _start_run(cfg, resume) as run:
         save_run_ref(run.info.run_id, run.info.experiment_id)
         mlflow.log_params(cfg.flat())
-        mlflow.set_tags({**_data_tags(), "git_commit": git_commit(), **prefect_tags(), **_search_tags(cfg)})
+        mlflow.set_tags(
+            {**_data_tags(version), "git_commit": git_commit(), **prefect_tags(), **_search_tags(cfg, best)}
+        )
         mlflow.log_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config/params.resolved.yaml")
         train_records = split_records("train", cfg.train.include_validation)
         log_split_input(train_records, "squad-train", str(PREPARED / "train.jsonl"), "training")
@@ -120,7 +120,7 @@ def train_stage(cfg: Config, resume: bool = False) -> dict:
 
         set_seed(cfg.train.seed)  # the new QA head and the LoRA adapters start from the seed ...
         prepared = apply_method(load_backbone(cfg.model), cfg.method)
-        warm = warm_start_file(cfg)
+        warm = warm_start_file(cfg, best)
         if warm is not None:  # ... or from the search's best trial
             loaded = load_warm_start(prepared.model, warm)
             print(f"warm start: {loaded} trainable tensors from {warm}")

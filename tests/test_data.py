@@ -597,3 +597,10 @@ def test_a_stage_refuses_records_prepared_with_other_data_params(tmp_path: Path,
     message = str(exc.value)
     assert f"data.dev={str(dev_file)!r} there, 'OTHER.json' here" in message
     assert "data.dev_limit=None there, 1500 here" in message and "spanflow stage prepare" in message
+
+
+def test_only_file_suffixes_name_a_file_a_hub_id_with_a_slash_does_not() -> None:
+    from spanflow.data.squad import names_a_file
+
+    assert names_a_file("data/squad/train-v1.1.json.gz") and names_a_file("dev.json") and names_a_file("x/y.parquet")
+    assert not names_a_file("rajpurkar/squad") and not names_a_file("squad")  # Hub names: the CLI lets them pass

@@ -90,6 +90,17 @@ def is_gzip_name(path: Path | str) -> bool:
     return str(path).lower().endswith(".json.gz")
 
 
+def _suffix(path: Path) -> str:
+    return ".json" if is_gzip_name(path) else path.suffix.lower()
+
+
+def names_a_file(source: str) -> bool:
+    """Whether `source` can only be a local file (a SQuAD .json/.json.gz or a .jsonl/.parquet/.csv), never a
+    Hub dataset name; `user/dataset` may be either, and only loading it tells."""
+    suffix = _suffix(Path(source))
+    return suffix == ".json" or suffix in _BUILDER_BY_SUFFIX
+
+
 def load_squad_json(path: Path | str) -> tuple[list[Record], str]:
     """Read an official SQuAD v1.1/v2.0 JSON file, plain or gzipped (.json.gz); returns (flat records, version).
 
@@ -244,7 +255,7 @@ def ingest(source: str, split: str = "train", config: str | None = None) -> tupl
     """Load `source`: a local SQuAD .json or .json.gz file, a local .jsonl/.parquet/.csv file or
     dataset directory, or a Hub dataset name. Returns (records, version)."""
     path = Path(source)
-    suffix = ".json" if is_gzip_name(path) else path.suffix.lower()
+    suffix = _suffix(path)
     if path.is_file():
         if suffix == ".json":
             return load_squad_json(path)
@@ -252,7 +263,7 @@ def ingest(source: str, split: str = "train", config: str | None = None) -> tupl
             records = load_hub_dataset(_BUILDER_BY_SUFFIX[suffix], split=split, data_files={split: str(path)})
             return records, _infer_version(records)
         raise DataValidationError(source, f"unsupported file type '{suffix or path.name}'")
-    if suffix == ".json" or suffix in _BUILDER_BY_SUFFIX:
+    if names_a_file(source):
         raise DataValidationError(source, "file not found")
 
     looks_like_path = "/" in source or "\\" in source

@@ -21,14 +21,19 @@ def write_best_params(params: dict[str, int], info: dict[str, Any]) -> None:
     atomic_write_text(BEST_PARAMS_FILE, text)
 
 
-def final_config(cfg: Config) -> Config:
-    """params.yaml, with the searched keys taken from the search's best point when search.enabled."""
-    if not cfg.search.enabled:
-        return cfg
+def read_best_params() -> dict[str, Any]:
+    """best_params.yaml as the tune stage wrote it: `params` (checked) and where they came from."""
     if not BEST_PARAMS_FILE.is_file():
         raise FileNotFoundError(f"{BEST_PARAMS_FILE}: no search result; run the tune stage first (spanflow tune)")
     data = yaml.safe_load(BEST_PARAMS_FILE.read_text()) or {}
     params = data.get("params")
     if not isinstance(params, dict) or not set(params) <= set(SEARCHED_KEYS.values()):
         raise ConfigError(f"{BEST_PARAMS_FILE}: `params` must map {sorted(SEARCHED_KEYS.values())} to values")
-    return cfg.with_values(params)
+    return data
+
+
+def final_config(cfg: Config) -> Config:
+    """params.yaml, with the searched keys taken from the search's best point when search.enabled."""
+    if not cfg.search.enabled:
+        return cfg
+    return cfg.with_values(read_best_params()["params"])
