@@ -258,6 +258,7 @@ def test_question_without_chunks_has_no_answer(tiny):
     first, second = best_spans([rec, other], feats, s_log, e_log, scoring="logit_sum")
     assert first.start >= 0
     assert (second.text, second.start, second.score, second.null_score) == ("", -1, -math.inf, math.inf)
+    assert (second.probability, second.no_answer_probability) == (0.0, 1.0)
     assert apply_no_answer_threshold([first, second], 1e9) == [first.text, ""]
 
 
@@ -437,3 +438,71 @@ def test_chunk_softmax_adds_up_a_text_found_in_two_chunks(chunked):
         words[x],
         words[y],
     )  # logit_sum: one chunk's best
+
+
+# --------------------------------------------------------------------------- the answer's probability
+
+
+def chunk_probability(feats: Features, chunk: int, logits: np.ndarray, k: int) -> float:
+    """p(token k) in one chunk: a softmax over its context tokens and [CLS]."""
+    keep = [i for i, o in enumerate(feats.offsets[chunk]) if i == 0 or o is not None]
+    x = logits[keep].astype(np.float64)
+    return float(np.exp(logits[k] - x.max()) / np.exp(x - x.max()).sum())
+
+
+@pytest.mark.parametrize("scoring", ["chunk_softmax", "logit_sum"])
+def test_probability_is_the_surest_chunks_and_never_above_one(chunked, scoring):
+    """A word in the overlap of two chunks, nearly sure in both (p = 0.88 and 0.95): chunk_softmax ranks by the sum
+    over chunks, 1.84, whose log (+0.61) the served score used to be; the probability is the surer chunk's, 0.95.
+    Which answer is chosen does not change."""
+    words, context, recs, feats = chunked
+    c0, c1 = [f for f, ex in enumerate(feats.example_index) if ex == 0][:2]
+    w = next(
+        i
+        for i in range(len(words))
+        if chunk_word_tok(words, context, feats, c0, i) is not None
+        and chunk_word_tok(words, context, feats, c1, i) is not None
+    )
+    k0, k1 = chunk_word_tok(words, context, feats, c0, w), chunk_word_tok(words, context, feats, c1, w)
+    s_log, e_log = flat_logits(feats, 0.0)
+    s_log[c0][k0] = e_log[c0][k0] = 6.0
+    s_log[c1][k1] = e_log[c1][k1] = 7.0
+    p0 = chunk_probability(feats, c0, s_log[c0], k0) * chunk_probability(feats, c0, e_log[c0], k0)
+    p1 = chunk_probability(feats, c1, s_log[c1], k1) * chunk_probability(feats, c1, e_log[c1], k1)
+    assert 0.8 < p0 < p1 < 1 and p0 + p1 > 1
+
+    ans = best_spans(recs, feats, s_log, e_log, scoring=scoring)[0]
+    assert ans.text == words[w]
+    assert ans.probability == pytest.approx(p1, abs=1e-6)  # the surer chunk's
+    if scoring == "chunk_softmax":
+        assert ans.score == pytest.approx(math.log(p0 + p1), abs=1e-6) and ans.score > 0  # the ranking sum, as before
+        (want_score, want_text), _ = pipeline_reference(recs, feats, s_log, e_log, 30)
+        assert (ans.text, ans.score) == (want_text, pytest.approx(want_score, abs=1e-6))
+    else:
+        assert ans.score == pytest.approx(14.0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_probabilities_stay_in_zero_one_on_random_logits(chunked, seed):
+    words, context, recs, feats = chunked
+    rng = np.random.default_rng(seed)
+    s_log = [(4 * rng.normal(size=len(ids))).astype(np.float32) for ids in feats.input_ids]
+    e_log = [(4 * rng.normal(size=len(ids))).astype(np.float32) for ids in feats.input_ids]
+    for scoring in ("chunk_softmax", "logit_sum"):
+        for a in best_spans(recs, feats, s_log, e_log, scoring=scoring):
+            assert 0 < a.probability <= 1 and 0 < a.no_answer_probability <= 1
+            if scoring == "chunk_softmax":
+                assert a.probability <= math.exp(a.score) + 1e-12  # one chunk's share of the ranking sum
+
+
+def test_no_answer_probability_is_the_lowest_cls_probability_whatever_the_rule(chunked):
+    words, context, recs, feats = chunked
+    s_log, e_log = flat_logits(feats, 0.0)
+    chunks_a = [f for f, ex in enumerate(feats.example_index) if ex == 0]
+    for i, f in enumerate(chunks_a):
+        s_log[f][0], e_log[f][0] = 3.0 + i, 4.0 - i
+    want = min(chunk_probability(feats, f, s_log[f], 0) * chunk_probability(feats, f, e_log[f], 0) for f in chunks_a)
+    by_softmax, by_sum = (best_spans(recs, feats, s_log, e_log, scoring=r)[0] for r in ("chunk_softmax", "logit_sum"))
+    assert by_softmax.no_answer_probability == pytest.approx(want, abs=1e-9)
+    assert by_softmax.no_answer_probability == pytest.approx(math.exp(by_softmax.null_score), abs=1e-9)
+    assert by_sum.no_answer_probability == pytest.approx(want, abs=1e-9)

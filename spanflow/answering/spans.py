@@ -4,11 +4,23 @@ Two rules score a span (`eval.span_scoring`); both compare a question's spans ac
 - `chunk_softmax` (the default): p(start) * p(end), each a softmax over the chunk's context tokens and [CLS]; a
   chunk's 12 best spans are candidates, and the probabilities of candidates with the same text (any case) add up,
   over spans and chunks. This is the `question-answering` pipeline of transformers <= 5.2 (removed in 5.3), except
-  that it widens spans to whole words: its answers, for users moving off it. The score is the log of the summed
-  probability.
+  that it widens spans to whole words: its answers, for users moving off it. It ranks by the log of the summed
+  probability (`Answer.score`).
 - `logit_sum`: start logit + end logit, as Hugging Face's `run_qa.py` post-processing.
 Over 10 trained models chunk_softmax scored EM +0.27 and F1 -0.02 on average against logit_sum on held-out
 questions: as accurate, with the pipeline's answers (benchmarks/README.md, twelfth round).
+
+The ranking score is no probability: a sum over chunks exceeds 1 when several chunks hold the answer (its log went
+to +0.23 on a long context, and a context repeated k times adds up about k times the mass). What a user reads and
+thresholds, under either rule, is `Answer.probability`: the probability of the answer in the chunk most sure of it.
+In one chunk, the chance that the answer starts at token i and ends at token j is p(start = i) * p(end = j), each a
+softmax over the chunk's context tokens and [CLS]; the answer's probability in that chunk adds this up over its
+spans there with the answer's text (chunk_softmax: among the chunk's candidates; logit_sum: the chosen span in the
+chunk that chose it). The spans of one chunk are disjoint events of one distribution, so that is at most 1, and so
+is the maximum over chunks, however many chunks (or copies of the context) repeat the text. For a context that fits
+in one chunk it is the pipeline's own score. `Answer.no_answer_probability` is p(start = [CLS]) * p(end = [CLS]) in
+the chunk least sure there is no answer (the lowest over chunks), also in [0, 1]. Neither changes which answer is
+chosen, nor the v2.0 abstention (`apply_no_answer_threshold` compares the ranking scores, as before).
 """
 
 from __future__ import annotations
@@ -33,8 +45,10 @@ class Answer:
     text: str
     start: int  # character offsets in the context; -1 when no answer
     end: int
-    score: float  # chunk_softmax: log of the answer's summed probability; logit_sum: start logit + end logit
+    score: float  # ranking: chunk_softmax: log of the answer's summed probability; logit_sum: start + end logit
     null_score: float  # lowest [CLS] score, same rule, over the question's chunks (v2.0 no-answer)
+    probability: float = 0.0  # in [0, 1]: the answer's probability in the chunk most sure of it (module docstring)
+    no_answer_probability: float = 1.0  # in [0, 1]: p([CLS], [CLS]) in the chunk least sure there is no answer
 
 
 def _log_softmax(logits: np.ndarray, keep: np.ndarray) -> np.ndarray:
@@ -85,27 +99,39 @@ def best_spans(
     for ex, record in enumerate(records):
         best = Answer("", -1, -1, float("-inf"), float("inf"))
         merged: dict[str, list] = {}  # chunk_softmax: lower-cased text -> [summed probability, start, end, text]
+        in_best_chunk: dict[str, float] = {}  # chunk_softmax: lower-cased text -> its largest one-chunk probability
+        log_no_answer = float("inf")
         for f in by_example.get(ex, []):
             s_log, e_log, offsets = start_logits[f], end_logits[f], feats.offsets[f]
             is_ctx = np.array([o is not None for o in offsets])
+            with_cls = is_ctx.copy()
+            with_cls[0] = True
+            s_lp, e_lp = _log_softmax(s_log, with_cls), _log_softmax(e_log, with_cls)  # the chunk's probabilities
+            log_no_answer = min(log_no_answer, float(s_lp[0] + e_lp[0]))
             if pipeline:
-                with_cls = is_ctx.copy()
-                with_cls[0] = True
-                s_log, e_log = _log_softmax(s_log, with_cls), _log_softmax(e_log, with_cls)
+                s_log, e_log = s_lp, e_lp
             best.null_score = min(best.null_score, float(s_log[0] + e_log[0]))
             keep = PIPELINE_SPANS_PER_CHUNK if pipeline else 1
+            in_chunk: dict[str, float] = {}
             for score, i, j in _chunk_spans(s_log, e_log, is_ctx, max_answer_length, n_best, keep):
                 start_char, end_char = offsets[i][0], offsets[j][1]
                 text = record["context"][start_char:end_char]
                 if pipeline:  # the same text from several spans or chunks: their probabilities add up
                     merged.setdefault(text.lower(), [0.0, start_char, end_char, text])[0] += math.exp(score)
+                    in_chunk[text.lower()] = in_chunk.get(text.lower(), 0.0) + math.exp(score)
                 elif score > best.score:
                     best.text, best.start, best.end, best.score = text, start_char, end_char, score
+                    best.probability = math.exp(s_lp[i] + e_lp[j])
+            for key, p in in_chunk.items():
+                in_best_chunk[key] = max(in_best_chunk.get(key, 0.0), p)
         if merged:
             total, best.start, best.end, best.text = max(merged.values(), key=lambda m: m[0])
             best.score = math.log(total)
+            best.probability = in_best_chunk[best.text.lower()]
         if best.start < 0:
-            best.score = float("-inf")
+            best.score, best.probability = float("-inf"), 0.0
+        best.probability = min(1.0, best.probability)  # <= 1 but for rounding
+        best.no_answer_probability = min(1.0, math.exp(log_no_answer))  # no chunk at all: 1
         answers.append(best)
     return answers
 
