@@ -5,12 +5,14 @@ from __future__ import annotations
 import importlib.metadata as md
 import json
 import tempfile
-import warnings
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+from packaging.version import Version
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -25,6 +27,32 @@ from spanflow.tracking.runs import load_run_ref, setup_mlflow
 LIBRARY_DIR = Path(spanflow.__file__).parent  # shipped with the model: the pyfunc answers with it
 PYFUNC_FILE = LIBRARY_DIR / "serving" / "qa_pyfunc.py"  # models-from-code: MLflow runs it, nothing is pickled
 SERVING_REQUIREMENTS = ("mlflow", "torch", "transformers", "pandas", "numpy")
+# Both inputs optional to MLflow: its schema check runs before predict and answers a missing field with its own
+# words after an echo of the request; the pyfunc checks them itself and names the field and the row (a 400).
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "question", required=False), ColSpec("string", "context", required=False)]),
+    outputs=Schema(
+        [
+            ColSpec("string", "answer"),
+            ColSpec("long", "start"),
+            ColSpec("long", "end"),
+            ColSpec("double", "score"),  # the answer's probability, in [0, 1]
+            ColSpec("double", "no_answer_score"),  # the probability of no answer in the context, in [0, 1]
+        ]
+    ),
+)
+
+
+def pinned_requirement(package: str, version: str) -> str:
+    """`package==version` without a PEP 440 local version label: `torch==2.13.0+cpu` -> `torch==2.13.0`. A plain
+    package index serves no local versions (the +cpu wheels live on PyTorch's own index), so a model pinned to one
+    would not install from PyPI (`mlflow models serve --env-manager virtualenv`, a Docker image of the model)."""
+    return f"{package}=={Version(version).public}"
+
+
+def serving_requirements() -> list[str]:
+    """The installed versions of what the pyfunc imports, pinned as a plain package index serves them."""
+    return [pinned_requirement(p, md.version(p)) for p in SERVING_REQUIREMENTS]
 
 
 def serving_settings(cfg: Config) -> dict:
@@ -52,9 +80,7 @@ def log_and_register(cfg: Config, run_id: str) -> int:
     example = pd.DataFrame(
         {"question": ["Where is the Eiffel Tower?"], "context": ["The Eiffel Tower is a landmark in Paris, France."]}
     )
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-        # MLflow's hint about integer columns concerns inputs with missing values; `start`/`end` are outputs
-        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column", category=UserWarning)
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         settings = Path(tmp) / "settings.json"
         settings.write_text(json.dumps(serving_settings(cfg)))
         info = mlflow.pyfunc.log_model(
@@ -63,7 +89,8 @@ def log_and_register(cfg: Config, run_id: str) -> int:
             artifacts={"model_dir": str(MODEL / "hf"), "settings": str(settings)},
             code_paths=[str(LIBRARY_DIR)],
             input_example=example,
-            pip_requirements=[f"{p}=={md.version(p)}" for p in SERVING_REQUIREMENTS],
+            signature=SIGNATURE,
+            pip_requirements=serving_requirements(),
             registered_model_name=cfg.registry.model_name,
         )
     return int(info.registered_model_version)

@@ -208,20 +208,26 @@ def test_served_champion_answers_long_contexts_and_rejects_bad_requests(project:
         )
         assert ok.status_code == 200, ok.text
         [answer] = ok.json()["predictions"]
-        assert set(answer) == {"answer", "start", "end", "score"}
+        assert set(answer) == {"answer", "start", "end", "score", "no_answer_score"}
         assert context[answer["start"] : answer["end"]] == answer["answer"] and answer["answer"]
-        assert isinstance(answer["score"], float)
+        assert 0 <= answer["score"] <= 1 and 0 <= answer["no_answer_score"] <= 1  # probabilities
 
+        # spanflow's reason is the whole message: no echo of the request (the long context), no MLflow wording
+        row = {"question": question, "context": context}
         bad_requests = {
-            "question": {"dataframe_records": [{"context": context}]},
-            "context": {"dataframe_records": [{"question": question, "context": "   "}]},
-            "'question' must be a string": {"dataframe_records": [{"question": 7, "context": "Some text."}]},
-            "serving.max_batch = 3": {"dataframe_records": [{"question": question, "context": "Text."}] * 4},
+            "field 'question' is missing": {"dataframe_records": [{"context": context}]},
+            "field 'context' is missing": {"dataframe_split": {"columns": ["question"], "data": [[question]]}},
+            "row 0: field 'context' is empty": {"dataframe_records": [{"question": question, "context": "   "}]},
+            "row 1: field 'question' is empty": {"dataframe_records": [row, {**row, "question": ""}]},
+            "row 0: field 'question' must be a string": {"dataframe_records": [{**row, "question": 7}]},
+            "batch of 4 rows is over serving.max_batch = 3": {"dataframe_records": [row] * 4},
+            "the request has no rows": {"dataframe_records": []},
         }
-        for field, body in bad_requests.items():
+        for reason, body in bad_requests.items():
             bad = httpx.post(f"{url}/invocations", json=body, timeout=60)
-            assert bad.status_code == 400, (field, bad.status_code, bad.text)
-            assert field in bad.json()["message"], (field, bad.json()["message"][-300:])
+            assert bad.status_code == 400, (reason, bad.status_code, bad.text[:500])
+            assert bad.json()["message"].startswith(reason), (reason, bad.text[:500])
+            assert len(bad.text) < 500 and "Ledger entry" not in bad.text, (reason, bad.text[:500])
         malformed = httpx.post(
             f"{url}/invocations", content=b"{not json", headers={"Content-Type": "application/json"}, timeout=60
         )
@@ -249,6 +255,7 @@ def test_predict_answers_from_a_context_file_and_names_a_missing_one(project: Pa
     answer = json.loads(done.stdout)
     assert answer["context_chars"] == len(text) > 10_000
     assert text[answer["start"] : answer["end"]] == answer["answer"]
+    assert 0 <= answer["score"] <= 1 and 0 <= answer["no_answer_score"] <= 1
     assert answer["model_uri"] == f"models:/{MODEL_NAME}@champion"
 
     missing = _cli(project, "predict", "--question", "Q?", "--context-file", str(tmp_path / "nope.txt"))
@@ -293,11 +300,93 @@ def test_registered_span_scoring_decides_the_served_answers(project: Path, tmp_p
 
     by_sum, by_softmax = served(span_scoring="logit_sum"), served(span_scoring="chunk_softmax")
     before = served(span_scoring=None)
-    assert (by_softmax["score"] <= 0).all()  # log p(start) + log p(end)
-    assert not (by_sum["score"].to_numpy() == by_softmax["score"].to_numpy()).all()
+    for frame in (by_sum, by_softmax):  # probabilities under either rule
+        assert frame["score"].between(0, 1).all() and frame["no_answer_score"].between(0, 1).all()
+    assert not by_sum.equals(by_softmax)
     pd.testing.assert_frame_equal(before, by_sum)
     for frame in (by_sum, by_softmax):
         for context, (start, end, text) in zip(
             rows["context"], frame[["start", "end", "answer"]].itertuples(index=False), strict=True
         ):
             assert context[start:end] == text
+
+
+def test_requirements_are_pinned_without_local_version_labels():
+    from tasks.register import SERVING_REQUIREMENTS, pinned_requirement, serving_requirements
+
+    assert pinned_requirement("torch", "2.13.0+cpu") == "torch==2.13.0"
+    assert pinned_requirement("torch", "2.4.1+cu121") == "torch==2.4.1"
+    assert pinned_requirement("foo", "1.0.post2+ubuntu.3") == "foo==1.0.post2"
+    assert pinned_requirement("numpy", "2.4.6") == "numpy==2.4.6"
+    pins = serving_requirements()
+    assert [pin.split("==")[0] for pin in pins] == list(SERVING_REQUIREMENTS)
+    assert not any("+" in pin for pin in pins), pins
+
+
+def test_registered_model_requirements_install_from_a_plain_index(project: Path, tmp_path: Path):
+    """The logged requirements.txt pins no local version (torch==2.13.0, not torch==2.13.0+cpu): a plain package
+    index serves them, for `mlflow models serve --env-manager virtualenv` or a Docker image of the model."""
+    import importlib.metadata as md
+
+    import mlflow
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL_NAME}/1", dst_path=str(tmp_path)))
+    lines = [line for line in (local / "requirements.txt").read_text().splitlines() if line.strip()]
+    pinned = {}
+    for line in lines:
+        req = Requirement(line)
+        for spec in req.specifier:
+            assert Version(spec.version).local is None, line
+            pinned[req.name] = spec.version
+    assert pinned["torch"] == Version(md.version("torch")).public
+    assert {"mlflow", "torch", "transformers", "pandas", "numpy"} <= set(pinned)
+
+
+def test_served_score_is_a_probability_however_often_the_context_repeats(tmp_path: Path):
+    """On real model outputs: a tiny BERT, and the same made confident (its QA head x100, no position embeddings,
+    so that every chunk of a repeated context answers alike). Repeated 40 times, the confident model's answer is
+    found in most chunks and the ranking sum over chunks (the score served before) exceeds 1; the served score,
+    the answer's probability in the chunk most sure of it, stays in [0, 1], and the answers are the same."""
+    import pandas as pd
+    import torch
+    from mlflow.pyfunc import PythonModelContext
+    from transformers import AutoTokenizer
+
+    from spanflow.answering.inference import answer_questions, load_qa_model
+    from spanflow.serving.qa_pyfunc import SpanQAModel, request_records
+    from tasks.register import serving_settings
+    from tests.helpers import tiny_config
+
+    plain = make_tiny_model_dir(tmp_path / "tiny")
+    confident = load_qa_model(plain, "fp32", torch.device("cpu"))
+    with torch.no_grad():
+        confident.qa_outputs.weight.mul_(100)
+        confident.bert.embeddings.position_embeddings.weight.zero_()
+    confident.save_pretrained(tmp_path / "confident")
+    AutoTokenizer.from_pretrained(plain).save_pretrained(tmp_path / "confident")
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps(serving_settings(tiny_config(plain))))
+    assert json.loads(settings.read_text())["span_scoring"] == "chunk_softmax"
+
+    base = "The lighthouse at Calder was built by Brenna Holm in 1843."
+    rows = pd.DataFrame(
+        {"question": ["Who built the lighthouse at Calder?"] * 3, "context": [" ".join([base] * k) for k in (1, 6, 40)]}
+    )
+    for model_dir in (plain, tmp_path / "confident"):
+        model = SpanQAModel()
+        model.load_context(PythonModelContext({"settings": str(settings), "model_dir": str(model_dir)}, None))
+        out = model.predict(None, rows)
+        assert out["score"].between(0, 1).all() and out["no_answer_score"].between(0, 1).all(), out
+        s = model.settings
+        answers = answer_questions(
+            model.model,
+            model.tokenizer,
+            request_records(rows, s["max_batch"]),
+            *(s[k] for k in ("chunk_length", "overlap", "max_query_length", "max_answer_length", "n_best")),
+            *(s[k] for k in ("batch_size", "precision", "workers", "span_scoring")),
+        )
+        assert list(out["answer"]) == [a.text for a in answers]
+        assert list(out["score"]) == [a.probability for a in answers]
+    assert answers[-1].score > 0, "the ranking sum of the confident model's answer over the 40 copies is above 1"

@@ -2,6 +2,13 @@
 
 Logged by the register stage with `python_model=<this file>`; MLflow runs this file to build the
 model, so nothing is pickled. The model does its own context splitting.
+
+Each row of the output: `answer`, its character offsets `start` and `end` (`context[start:end] == answer`),
+`score`, the answer's probability in [0, 1] (in the chunk of the context most sure of it: p(start) * p(end),
+each a softmax over the chunk's context tokens and [CLS], added up over that chunk's spans with the answer's
+text; a long or repeated context cannot push it past 1), and `no_answer_score`, the probability in [0, 1] that
+the context holds no answer (p([CLS], [CLS]) in the chunk least sure of that): for SQuAD 2.0 models, the number
+to abstain on. spanflow/answering/spans.py has the details.
 """
 
 from __future__ import annotations
@@ -15,22 +22,43 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
 
-def bad_request(message: str) -> MlflowException:
-    """The scoring server answers this with HTTP 400 and the message; it keeps serving."""
-    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+class BadRequest(MlflowException):
+    """A request spanflow refuses: the scoring server answers it with HTTP 400 and keeps serving.
+
+    MLflow's scoring server (`mlflow.pyfunc.scoring_server.invocations`) rewrites the message of any MlflowException
+    raised in predict to `Failed to predict data '<the request as a pandas table>'. Error: <message>`: the reason
+    comes last, after an echo of the request (a long context included). This exception's message is set once, at
+    construction, and keeps that value: the 400 body says spanflow's reason and nothing else."""
+
+    @property
+    def message(self) -> str:
+        return self._reason
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_reason"):  # MlflowException.__init__ sets it; later assignments are the echo
+            self._reason = value
+
+
+def bad_request(message: str) -> BadRequest:
+    """HTTP 400 with `message` as the whole of the body's message."""
+    return BadRequest(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 def request_records(model_input: pd.DataFrame | dict, max_batch: int) -> list[dict]:
     """Rows of question + context, checked field by field; any bad value raises `bad_request`."""
-    if isinstance(model_input, dict):
-        model_input = pd.DataFrame(model_input)
+    if isinstance(model_input, dict):  # the `inputs` format: columns of values
+        try:
+            model_input = pd.DataFrame(model_input)
+        except ValueError:  # single values, or columns of unequal lengths
+            raise bad_request("input must be rows of question and context (lists of equal length)") from None
     if not isinstance(model_input, pd.DataFrame):
         raise bad_request(f"input must be rows of question and context, got {type(model_input).__name__}")
+    if len(model_input) == 0:
+        raise bad_request("the request has no rows")
     for column in ("question", "context"):
         if column not in model_input.columns:
             raise bad_request(f"field {column!r} is missing (each row needs 'question' and 'context')")
-    if len(model_input) == 0:
-        raise bad_request("the request has no rows")
     if len(model_input) > max_batch:
         raise bad_request(f"batch of {len(model_input)} rows is over serving.max_batch = {max_batch}")
     records = []
@@ -83,7 +111,8 @@ class SpanQAModel(PythonModel):
                 "answer": [a.text for a in answers],
                 "start": [a.start for a in answers],
                 "end": [a.end for a in answers],
-                "score": [a.score for a in answers],
+                "score": [a.probability for a in answers],
+                "no_answer_score": [a.no_answer_probability for a in answers],
             }
         )
 

@@ -107,6 +107,8 @@ def predict_file(cfg: Config, question: str, context_file: str, model_uri: str |
         "start": int(row["start"]),
         "end": int(row["end"]),
         "score": float(row["score"]),
+        # versions registered before no_answer_score existed do not return it
+        **({"no_answer_score": float(row["no_answer_score"])} if "no_answer_score" in row else {}),
         "model_uri": uri,
         "context_chars": len(context),
         "seconds": round(seconds, 3),
