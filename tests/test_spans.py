@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from spanflow.answering.spans import Answer, apply_no_answer_threshold, best_spans
+from spanflow.answering.spans import Answer, apply_no_answer_threshold, best_spans, widen_to_words
 from spanflow.config import ModelConfig
 from spanflow.data.features import Features, featurize
 from spanflow.models.modeling import load_tokenizer
@@ -506,3 +506,32 @@ def test_no_answer_probability_is_the_lowest_cls_probability_whatever_the_rule(c
     assert by_softmax.no_answer_probability == pytest.approx(want, abs=1e-9)
     assert by_softmax.no_answer_probability == pytest.approx(math.exp(by_softmax.null_score), abs=1e-9)
     assert by_sum.no_answer_probability == pytest.approx(want, abs=1e-9)
+
+
+# --------------------------------------------------------------------------- whole words
+
+
+def test_widen_to_words_cuts_no_word():
+    ctx = "Brenna Holm built the Kristiansund lighthouse, 1780."
+    piece = ctx.index("enna")
+    assert widen_to_words(ctx, piece, ctx.index(" Holm") + 5) == (0, ctx.index(" built"))
+    tian = ctx.index("tian")
+    assert widen_to_words(ctx, tian, tian + 4) == (ctx.index("Kris"), ctx.index(" lighthouse"))
+    whole = ctx.index("lighthouse")
+    assert widen_to_words(ctx, whole, whole + 10) == (whole, whole + 10)  # ends at the comma: a word's end
+    assert widen_to_words("北京大学", 1, 2) == (1, 2)  # CJK ideographs are words of one character
+
+
+def test_a_span_on_a_word_piece_answers_the_whole_word(tok):
+    ctx = "The lighthouse was built by Brenna Holm in 1780 on the cliffs."
+    rec = make_record(ctx, "Brenna Holm", question="Who built the lighthouse?")
+    feats = featurize([rec], tok, 64, 16)
+    piece = next(k for k, o in enumerate(feats.offsets[0]) if o is not None and o[0] == ctx.index("enna"))
+    holm = tok_of(rec, feats, 0, "Holm")
+    s_log, e_log = flat_logits(feats)
+    s_log[0][piece], e_log[0][holm] = 8.0, 8.0  # the model starts on "##enna"
+    for scoring in ("chunk_softmax", "logit_sum"):
+        (cut,) = best_spans([rec], feats, s_log, e_log, scoring=scoring, whole_words=False)
+        (ans,) = best_spans([rec], feats, s_log, e_log, scoring=scoring)
+        assert cut.text == "enna Holm"
+        assert ans.text == "Brenna Holm" and ctx[ans.start : ans.end] == ans.text

@@ -3,10 +3,11 @@
 Two rules score a span (`eval.span_scoring`); both compare a question's spans across all of its chunks:
 - `chunk_softmax` (the default): p(start) * p(end), each a softmax over the chunk's context tokens and [CLS]; a
   chunk's 12 best spans are candidates, and the probabilities of candidates with the same text (any case) add up,
-  over spans and chunks. This is the `question-answering` pipeline of transformers <= 5.2 (removed in 5.3), except
-  that it widens spans to whole words: its answers, for users moving off it. It ranks by the log of the summed
-  probability (`Answer.score`).
+  over spans and chunks. This is the `question-answering` pipeline of transformers <= 5.2 (removed in 5.3): its
+  answers, for users moving off it. It ranks by the log of the summed probability (`Answer.score`).
 - `logit_sum`: start logit + end logit, as Hugging Face's `run_qa.py` post-processing.
+Under both, a span that cuts a word (starts on the word piece "##enna" of "Brenna") is widened to the whole word,
+as the pipeline's `align_to_words` does.
 Over 10 trained models chunk_softmax scored EM +0.27 and F1 -0.02 on average against logit_sum on held-out
 questions: as accurate, with the pipeline's answers (benchmarks/README.md, twelfth round).
 
@@ -78,6 +79,22 @@ def _chunk_spans(
     return [(float(scores[i]), int(top_s[i // k]), int(top_e[i % k])) for i in order if scores[i] > -np.inf]
 
 
+def _joins(c: str) -> bool:
+    """Whether `c` belongs to the word around it: letters and digits do, except CJK ideographs, which BERT's
+    tokenizers (and SQuAD's scorer) take one at a time."""
+    return c.isalnum() and not 0x3400 <= ord(c) <= 0x9FFF and not 0xF900 <= ord(c) <= 0xFAFF
+
+
+def widen_to_words(context: str, start: int, end: int) -> tuple[int, int]:
+    """Character span [start, end) widened to whole words where it cuts one: a span that starts on a word
+    piece ("##enna" of "Brenna") takes the word's beginning, one that ends inside a word its end."""
+    while 0 < start < len(context) and _joins(context[start - 1]) and _joins(context[start]):
+        start -= 1
+    while 0 < end < len(context) and _joins(context[end - 1]) and _joins(context[end]):
+        end += 1
+    return start, end
+
+
 def best_spans(
     records: list[Record],
     feats: Features,
@@ -86,6 +103,7 @@ def best_spans(
     max_answer_length: int = 30,
     n_best: int = 20,
     scoring: str = DEFAULT_SPAN_SCORING,
+    whole_words: bool = True,
 ) -> list[Answer]:
     """A span is valid when start <= end, it has at most `max_answer_length` tokens and lies in the context.
     `scoring` is one of SPAN_SCORINGS (module docstring)."""
@@ -115,6 +133,8 @@ def best_spans(
             in_chunk: dict[str, float] = {}
             for score, i, j in _chunk_spans(s_log, e_log, is_ctx, max_answer_length, n_best, keep):
                 start_char, end_char = offsets[i][0], offsets[j][1]
+                if whole_words:
+                    start_char, end_char = widen_to_words(record["context"], start_char, end_char)
                 text = record["context"][start_char:end_char]
                 if pipeline:  # the same text from several spans or chunks: their probabilities add up
                     merged.setdefault(text.lower(), [0.0, start_char, end_char, text])[0] += math.exp(score)
