@@ -29,7 +29,7 @@ class DataConfig:
     dev_split: str = "validation"
     hub_config: str | None = None  # dataset config name for the Hub, if any
     val_fraction: float = 0.1  # share of training articles held out for validation
-    train_articles: int | None = 22  # seeded sample of this many articles of `train`, before the split (None = all)
+    train_articles: int | None = 24  # seeded sample of this many articles of `train`, before the split (None = all)
     train_limit: int | None = None  # first N training questions (None = all)
     dev_limit: int | None = None  # first N dev questions (None = all)
     seed: int = 42
@@ -77,6 +77,7 @@ class TrainConfig:
     learning_rate: float = 2e-3
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
+    head_lr_ratio: float = 15.0  # the QA head (randomly initialised) learns at this multiple of learning_rate
     max_grad_norm: float = 1.0
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     early_stopping_patience: int = 2  # epochs without a lower validation loss before stopping
@@ -346,6 +347,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"eval.workers: {cfg.eval.workers} must be >= 1")
     if cfg.eval.span_scoring not in SPAN_SCORINGS:
         raise ConfigError(f"eval.span_scoring: {cfg.eval.span_scoring!r} is not {'|'.join(SPAN_SCORINGS)}")
+    if cfg.train.head_lr_ratio <= 0:
+        raise ConfigError(f"train.head_lr_ratio: {cfg.train.head_lr_ratio} must be > 0")
     for key in ("pass_overhead_tokens", "math_attention_max_width", "log_every_steps"):
         if getattr(cfg.train, key) < 0:
             raise ConfigError(f"train.{key}: {getattr(cfg.train, key)} must be >= 0")

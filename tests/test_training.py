@@ -33,6 +33,7 @@ from spanflow.training.loop import (
     TrainResult,
     accumulate_batch,
     latest_checkpoint,
+    param_groups,
     train_model,
 )
 from spanflow.training.passes import attention_kernel, length_sorted_passes
@@ -193,6 +194,26 @@ def test_lora_trains_adapters_and_head_only(model_dir: Path) -> None:
     assert any("word_embeddings" in n for n in frozen)
     assert any("attention.self.query.base_layer" in n for n in frozen)
     assert any("qa_outputs.original_module" in n for n in frozen)
+
+
+def test_optimizer_groups_give_the_head_its_learning_rate(model_dir: Path) -> None:
+    prepared = apply_method(load_backbone(ModelConfig(name_or_path=str(model_dir))), MethodConfig(name="lora"))
+    tc = Config().train
+    tc.learning_rate, tc.head_lr_ratio = 1e-3, 15.0
+    groups = param_groups(prepared.model, tc)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    trainable = [(n, p) for n, p in prepared.model.named_parameters() if p.requires_grad]
+    assert len(lr_of) == len(trainable)  # every trainable weight in exactly one group
+    for name, p in trainable:
+        expected = 15e-3 if "qa_outputs" in name else 1e-3
+        assert lr_of[id(p)] == pytest.approx(expected), name
+        assert decay_of[id(p)] == (tc.weight_decay if p.ndim >= 2 else 0.0), name
+
+
+def test_head_learning_rate_ratio_must_be_positive() -> None:
+    with pytest.raises(ConfigError, match="train.head_lr_ratio"):
+        Config().with_values({"train.head_lr_ratio": 0.0})
 
 
 def test_lora_target_modules_are_honoured(model_dir: Path) -> None:

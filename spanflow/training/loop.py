@@ -22,7 +22,7 @@ from spanflow.answering.squad_metrics import per_question_scores, score
 from spanflow.config import Config, TrainConfig
 from spanflow.data.features import Features, Record
 from spanflow.models.lora_fused import release_fp32_bases
-from spanflow.models.modeling import PreparedModel, load_trainable_state, trainable_state
+from spanflow.models.modeling import QA_HEAD, PreparedModel, load_trainable_state, trainable_state
 from spanflow.models.qa_loss import span_loss
 from spanflow.training.allocator import keeping_heap
 from spanflow.training.passes import attention_kernel, length_sorted_passes
@@ -114,6 +114,21 @@ def accumulate_batch(
     return loss_sum
 
 
+def param_groups(model: torch.nn.Module, tc: TrainConfig) -> list[dict]:
+    """AdamW groups: weight decay on matrices only; the QA head, which starts untrained, at `head_lr_ratio` times
+    the learning rate (the scheduler scales every group alike)."""
+    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        ratio = tc.head_lr_ratio if QA_HEAD in name else 1.0
+        decay = tc.weight_decay if p.ndim >= 2 else 0.0
+        groups.setdefault((ratio, decay), []).append(p)
+    return [
+        {"params": ps, "lr": tc.learning_rate * ratio, "weight_decay": decay} for (ratio, decay), ps in groups.items()
+    ]
+
+
 def run_fingerprint(cfg: Config) -> str:
     """What must not change between a killed run and its resumption."""
     keys = {"model": cfg.model, "features": cfg.features, "method": cfg.method, "train": cfg.train, "data": cfg.data}
@@ -190,12 +205,7 @@ def train_model(
         if released:
             print(f"frozen LoRA base kept in {precision}: {released / 2**20:.0f} MiB of fp32 pages handed back")
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=tc.learning_rate,
-    )
+    optimizer = torch.optim.AdamW(param_groups(model, tc), lr=tc.learning_rate)
     steps_per_epoch = -(-len(train_feats) // (tc.batch_size * tc.grad_accum_steps))
     total_steps = steps_per_epoch * tc.epochs
     if tc.max_steps:
