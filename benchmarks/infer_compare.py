@@ -5,14 +5,18 @@
 
 Same weights (models/final/hf, LoRA merged by the train stage), same dev questions, same chunking
 (features.chunk_length = the pipeline's max_seq_len, features.overlap = its doc_stride) and answer
-length. Each side runs in its own process, with the same torch / tokenizer thread count: spanflow in
-this venv, the pipeline in benchmarks/.venv-tf52 (transformers 5.2.0, the last release with the
-pipeline; made on first use by `ensure_tf52_venv`). Sides alternate rep by rep; model loading and a
-small warm-up are not timed. Reports questions/s per side (median, min-max over reps), their ratio,
-the official SQuAD EM/F1 of both sides and their gaps, how often the answers differ, and each
-side's peak RSS. spanflow answers with `eval.span_scoring`; its first rep also decodes the same
-logits with every rule of spanflow/answering/spans.py, so the gaps are given per rule too (`chunk_softmax` is
-the pipeline's own rule: what is left is the inference, not the decoding). A benchmark, not a test.
+length, and the same precision: for each precision of --precision, spanflow and the pipeline both hold
+the weights in that dtype (bf16 or fp32; the pipeline through its `dtype=` argument). Each side runs in its
+own process, with the same torch / tokenizer thread count: spanflow in this venv, the pipeline in
+benchmarks/.venv-tf52 (transformers 5.2.0, the last release with the pipeline; made on first use by
+`ensure_tf52_venv`). Sides alternate rep by rep; model loading and a small warm-up are not timed. Reports
+questions/s per side (median, min-max over reps), the ratio at equal precision (the headline:
+`inference_speedup_vs_pipeline_equal_precision`, at the first precision), the official SQuAD EM/F1 of both
+sides and their gaps, how often the answers differ, each side's peak RSS, and, where bf16 and fp32 both
+ran, the mixed-precision gain of each side on its own (`mixed_precision_speedup`: spanflow bf16 / spanflow
+fp32). spanflow answers with `eval.span_scoring`; its first rep also decodes the same logits with every rule
+of spanflow/answering/spans.py, so the gaps are given per rule too (`chunk_softmax` is the pipeline's own
+rule: what is left is the inference, not the decoding). A benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ DEV_FILE = ROOT / "data" / "prepared" / "dev.jsonl"
 VERSION_FILE = ROOT / "data" / "prepared" / "version.json"
 WARMUP_RECORDS = 3
 EXAMPLES = 8  # differing answers shown in the result
+PIPELINE_DTYPES = ("bf16", "fp32")  # what benchmarks/pipeline_side.py --dtype takes
 
 _VERIFY_TF52 = """
 import sys, inspect, torch, transformers
@@ -298,7 +303,7 @@ def _gaps_by_scoring(
     pipe: dict,
     pipe_preds: dict[str, str],
     version: str,
-    cfg: Any,
+    gate: Any,
 ) -> dict[str, Any]:
     """EM / F1 gaps to the pipeline, their intervals and how many answers differ, per span-scoring rule of
     spanflow (the same logits, decoded by each rule)."""
@@ -307,7 +312,7 @@ def _gaps_by_scoring(
     out = {}
     for rule, preds in by_rule.items():
         sc = score(records, preds, version)
-        d = _disagreements(records, preds, pipe_preds, version, cfg.registry)
+        d = _disagreements(records, preds, pipe_preds, version, gate)
         out[rule] = {
             "exact_match": sc["exact_match"],
             "f1": sc["f1"],
@@ -333,15 +338,15 @@ def compare(
     max_load: float | None = None,
     max_wait: float = 600,
 ) -> dict[str, Any]:
-    """Run both sides `reps` times, alternating (spanflow per precision, then the pipeline), and
-    return every figure. `precisions`: "config" (train.precision of params.yaml, resolved for this
-    machine), "bf16", "fp32"; the first one gives the headline ratio and gaps. With `max_load`, each
-    child waits (at most `max_wait` s) for the 1-minute load average to fall below it: other work on
-    the machine slows the pipeline's batch-1 forwards far more than spanflow's batches."""
+    """Run both sides `reps` times at each precision, alternating (spanflow, then the pipeline with its
+    weights in the same dtype, precision by precision), and return every figure. `precisions`: "config"
+    (train.precision of params.yaml, resolved for this machine), "bf16", "fp32"; the first one gives the
+    headline ratio and gaps. With `max_load`, each child waits (at most `max_wait` s) for the 1-minute
+    load average to fall below it: other work on the machine slows the pipeline's batch-1 forwards far
+    more than spanflow's batches."""
     import torch
 
     from spanflow.answering.inference import default_device, resolve_precision
-    from spanflow.answering.squad_metrics import score
     from spanflow.config import load_config
     from spanflow.data.squad import read_jsonl
     from spanflow.search.best_params import final_config
@@ -359,6 +364,8 @@ def compare(
     resolved = []
     for p in precisions or ["config"]:
         p = resolve_precision(cfg.train.precision if p == "config" else p, device)
+        if p not in PIPELINE_DTYPES:
+            raise SystemExit(f"precision {p}: the pipeline side runs on the CPU in {' or '.join(PIPELINE_DTYPES)}")
         if p not in resolved:
             resolved.append(p)
     f, e = cfg.features, cfg.eval
@@ -384,14 +391,17 @@ def compare(
                 fh.write(json.dumps(r, ensure_ascii=False) + "\n")
         env = _child_env(threads)
         common = ["--model-dir", str(model_dir), "--records", str(records_file), "--threads", str(threads)]
-        pipeline_cmd = [
-            str(tf52_python),
-            str(PIPELINE_SIDE),
-            *common,
-            *("--max-seq-len", str(f.chunk_length), "--doc-stride", str(f.overlap)),
-            *("--max-answer-len", str(e.max_answer_length), "--max-question-len", str(f.max_query_length)),
-            *("--batch-size", str(pipeline_batch_size), "--out", str(work / "pipeline.json")),
-        ]
+
+        def pipeline_cmd(precision: str) -> list[str]:  # its weights in the dtype of spanflow's side
+            return [
+                str(tf52_python),
+                str(PIPELINE_SIDE),
+                *common,
+                *("--max-seq-len", str(f.chunk_length), "--doc-stride", str(f.overlap)),
+                *("--max-answer-len", str(e.max_answer_length), "--max-question-len", str(f.max_query_length)),
+                *("--batch-size", str(pipeline_batch_size), "--dtype", precision),
+                *("--out", str(work / f"pipeline-{precision}.json")),
+            ]
 
         def spanflow_cmd(precision: str, first: bool) -> list[str]:
             out = work / f"spanflow-{precision}.json"
@@ -411,42 +421,21 @@ def compare(
                 *(["--by-scoring"] if first else []),
             ]
 
-        runs: dict[str, list[dict[str, Any]]] = {p: [] for p in resolved} | {"pipeline": []}
+        ours: dict[str, list[dict[str, Any]]] = {p: [] for p in resolved}
+        theirs: dict[str, list[dict[str, Any]]] = {p: [] for p in resolved}
         load_before = os.getloadavg()[0]
+        idle = (max_load, max_wait)
         for rep in range(reps):
             for p in resolved:
-                cmd = spanflow_cmd(p, rep == 0)
-                r = _run_child(cmd, work / f"spanflow-{p}.json", env, work / "log", (max_load, max_wait))
-                runs[p].append(r)
+                r = _run_child(spanflow_cmd(p, rep == 0), work / f"spanflow-{p}.json", env, work / "log", idle)
+                ours[p].append(r)
                 print(f"rep {rep + 1}/{reps} spanflow {p}: {r['questions_per_second']:.2f} q/s", file=sys.stderr)
-            r = _run_child(pipeline_cmd, work / "pipeline.json", env, work / "log", (max_load, max_wait))
-            runs["pipeline"].append(r)
-            print(f"rep {rep + 1}/{reps} pipeline: {r['questions_per_second']:.2f} q/s", file=sys.stderr)
+                r = _run_child(pipeline_cmd(p), work / f"pipeline-{p}.json", env, work / "log", idle)
+                theirs[p].append(r)
+                print(f"rep {rep + 1}/{reps} pipeline {p}: {r['questions_per_second']:.2f} q/s", file=sys.stderr)
         load_after = os.getloadavg()[0]
 
-    def side_summary(side_runs: list[dict[str, Any]]) -> dict[str, Any]:
-        first = side_runs[0]
-        preds = first["predictions"]
-        scores = score(records, preds, version)
-        out = {
-            "questions_per_second": _spread([r["questions_per_second"] for r in side_runs]),
-            "ms_per_question": statistics.median(1000 * r["seconds"] / r["questions"] for r in side_runs),
-            "load_average_1min_per_rep": [r["load_average_1min"] for r in side_runs],
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in side_runs),
-            "exact_match": scores["exact_match"],
-            "f1": scores["f1"],
-            "predictions_stable": all(r["predictions"] == preds for r in side_runs),
-            "transformers": first["transformers"],
-            "torch": first["torch"],
-            "threads": first["threads"],
-        }
-        for k in ("precision", "dtype", "chunks", "stage_seconds"):
-            if k in first:
-                out[k] = first[k]
-        return out
-
-    pipe = side_summary(runs["pipeline"])
-    result: dict[str, Any] = {
+    meta = {
         "questions": len(records),
         "reps": reps,
         "threads": threads,
@@ -456,23 +445,78 @@ def compare(
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
         "load_average_1min": [load_before, load_after],  # other work on the machine skews the timings
-        "pipeline": pipe,
-        "spanflow": {},
     }
-    pipe_qps = [r["questions_per_second"] for r in runs["pipeline"]]
-    pipe_preds = runs["pipeline"][0]["predictions"]
-    for i, p in enumerate(resolved):
-        side = side_summary(runs[p])
-        qps = [r["questions_per_second"] for r in runs[p]]
+    return summarize(records, version, cfg.registry, ours, theirs, meta)
+
+
+def _side_summary(side_runs: list[dict[str, Any]], records: list[dict], version: str) -> dict[str, Any]:
+    """One side at one precision over its reps: speed (median, range), EM/F1 of its first rep's answers."""
+    from spanflow.answering.squad_metrics import score
+
+    first = side_runs[0]
+    preds = first["predictions"]
+    scores = score(records, preds, version)
+    out = {
+        "questions_per_second": _spread([r["questions_per_second"] for r in side_runs]),
+        "ms_per_question": statistics.median(1000 * r["seconds"] / r["questions"] for r in side_runs),
+        "load_average_1min_per_rep": [r["load_average_1min"] for r in side_runs],
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in side_runs),
+        "exact_match": scores["exact_match"],
+        "f1": scores["f1"],
+        "predictions_stable": all(r["predictions"] == preds for r in side_runs),
+        "transformers": first["transformers"],
+        "torch": first["torch"],
+        "threads": first["threads"],
+    }
+    for k in ("precision", "dtype", "chunks", "stage_seconds"):
+        if k in first:
+            out[k] = first[k]
+    return out
+
+
+def _median_qps(side_runs: list[dict[str, Any]]) -> float:
+    return statistics.median(r["questions_per_second"] for r in side_runs)
+
+
+def _paired(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any]:
+    """The questions/s ratio of two sides rep by rep (rep k of each ran one after the other)."""
+    return _spread([x["questions_per_second"] / y["questions_per_second"] for x, y in zip(a, b, strict=True)])
+
+
+def summarize(
+    records: list[dict],
+    version: str,
+    gate: Any,
+    ours: dict[str, list[dict[str, Any]]],
+    theirs: dict[str, list[dict[str, Any]]],
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Every figure from the children's results. `ours[p]` / `theirs[p]`: spanflow's / the pipeline's reps at
+    precision p (both sides' weights in p's dtype), in the order the precisions were asked for; `gate`: the
+    paired bootstrap's settings (params.yaml's `registry`).
+
+    For each precision p, spanflow against the pipeline at p: `inference_speedup_vs_pipeline_equal_precision_<p>`,
+    `f1_gap_vs_pipeline_<p>`, `em_gap_vs_pipeline_<p>`, ...; the first precision's figures also without the
+    suffix (the headline). Where bf16 and fp32 both ran, the mixed-precision gain of each side on its own:
+    `mixed_precision_speedup` (spanflow bf16 / spanflow fp32 questions/s) and `pipeline_mixed_precision_speedup`,
+    with the EM/F1 each loses or gains by it. `inference_speedup_vs_pipeline_fp32_default`: spanflow at the first
+    precision against the pipeline in fp32, the dtype it loads in unless told (the figure earlier rounds headlined,
+    for comparison only)."""
+    result: dict[str, Any] = {**(meta or {}), "equal_precision": True, "pipeline": {}, "spanflow": {}}
+    for i, p in enumerate(ours):
+        side = _side_summary(ours[p], records, version)
+        pipe = result["pipeline"][p] = _side_summary(theirs[p], records, version)
+        pipe_preds = theirs[p][0]["predictions"]
         gaps = {
-            "inference_speedup_vs_pipeline": side["questions_per_second"]["median"] / statistics.median(pipe_qps),
-            "inference_speedup_vs_pipeline_paired": _spread([a / b for a, b in zip(qps, pipe_qps, strict=True)]),
+            "inference_speedup_vs_pipeline_equal_precision": _median_qps(ours[p]) / _median_qps(theirs[p]),
+            "inference_speedup_vs_pipeline_equal_precision_paired": _paired(ours[p], theirs[p]),
             "f1_gap_vs_pipeline": side["f1"] - pipe["f1"],
             "em_gap_vs_pipeline": side["exact_match"] - pipe["exact_match"],
             "rss_ratio_vs_pipeline": side["peak_rss_mb"] / pipe["peak_rss_mb"],
         }
-        differ = _disagreements(records, runs[p][0]["predictions"], pipe_preds, version, cfg.registry)
-        by_scoring = _gaps_by_scoring(records, runs[p][0]["predictions_by_scoring"], pipe, pipe_preds, version, cfg)
+        differ = _disagreements(records, ours[p][0]["predictions"], pipe_preds, version, gate)
+        by_rule = ours[p][0].get("predictions_by_scoring", {})
+        by_scoring = _gaps_by_scoring(records, by_rule, pipe, pipe_preds, version, gate)
         side["vs_pipeline"] = gaps | {"disagreement": differ, "by_span_scoring": by_scoring}
         result["spanflow"][p] = side
         flat = gaps | {
@@ -485,12 +529,24 @@ def compare(
                 result[k] = value
         if i == 0:
             result["precision"] = p
+    if "bf16" in ours and "fp32" in ours:  # the mixed-precision gain: each side against itself
+        for prefix, runs, sides in (("", ours, result["spanflow"]), ("pipeline_", theirs, result["pipeline"])):
+            result[f"{prefix}mixed_precision_speedup"] = _median_qps(runs["bf16"]) / _median_qps(runs["fp32"])
+            result[f"{prefix}mixed_precision_speedup_paired"] = _paired(runs["bf16"], runs["fp32"])["median"]
+            result[f"{prefix}mixed_precision_f1_change"] = sides["bf16"]["f1"] - sides["fp32"]["f1"]
+            result[f"{prefix}mixed_precision_em_change"] = sides["bf16"]["exact_match"] - sides["fp32"]["exact_match"]
+    if "fp32" in theirs:
+        result["inference_speedup_vs_pipeline_fp32_default"] = _median_qps(ours[result["precision"]]) / _median_qps(
+            theirs["fp32"]
+        )
     return result
 
 
 def print_table(result: dict[str, Any]) -> None:
-    """A short human-readable summary of `compare`'s result."""
-    pipe = result["pipeline"]
+    """A short human-readable summary of `compare`'s result (and of the results.json of earlier rounds, whose
+    pipeline ran in fp32 only)."""
+    equal = result.get("equal_precision", False)
+    pipes = result["pipeline"] if equal else {result["pipeline"].get("dtype", "fp32"): result["pipeline"]}
     print(
         f"\n{result['questions']} dev questions (SQuAD v{result['squad_version']}), {result['reps']} reps, "
         f"{result['threads']} threads, chunk {result['settings']['chunk_length']} / overlap "
@@ -500,8 +556,13 @@ def print_table(result: dict[str, Any]) -> None:
     header = f"{'side':<34} {'q/s median':>10} {'min-max':>15} {'ms/q':>8} {'EM':>7} {'F1':>7} {'RSS MB':>8}"
     print(header)
     print("-" * len(header))
-    rows = [(f"spanflow {p} (tf {s['transformers']})", s) for p, s in result["spanflow"].items()]
-    rows.append((f"pipeline {pipe.get('dtype', 'fp32')} (tf {pipe['transformers']})", pipe))
+    rows = []
+    for p, s in result["spanflow"].items():
+        rows.append((f"spanflow {p} (tf {s['transformers']})", s))
+        if equal:
+            rows.append((f"pipeline {p} (tf {pipes[p]['transformers']})", pipes[p]))
+    if not equal:
+        rows += [(f"pipeline {dtype} (tf {s['transformers']})", s) for dtype, s in pipes.items()]
     for name, s in rows:
         q = s["questions_per_second"]
         print(
@@ -517,10 +578,15 @@ def print_table(result: dict[str, Any]) -> None:
     for p, s in result["spanflow"].items():
         v = s["vs_pipeline"]
         d = v["disagreement"]
-        paired = v["inference_speedup_vs_pipeline_paired"]
+        if equal:
+            against, ratio = f"pipeline {p} (equal precision)", v["inference_speedup_vs_pipeline_equal_precision"]
+            paired = v["inference_speedup_vs_pipeline_equal_precision_paired"]
+        else:
+            against, ratio = f"pipeline {next(iter(pipes))}", v["inference_speedup_vs_pipeline"]
+            paired = v["inference_speedup_vs_pipeline_paired"]
         (f1_lo, f1_hi), (em_lo, em_hi) = d["f1_gap_interval"], d["em_gap_interval"]
         print(
-            f"spanflow {p} vs pipeline: speed-up x{v['inference_speedup_vs_pipeline']:.2f} "
+            f"spanflow {p} vs {against}: speed-up x{ratio:.2f} "
             f"(paired reps {paired['min']:.2f}-{paired['max']:.2f}), F1 {v['f1_gap_vs_pipeline']:+.2f}, "
             f"EM {v['em_gap_vs_pipeline']:+.2f} ({round(100 * d['gap_interval_confidence'])}% intervals: "
             f"F1 {f1_lo:+.2f}..{f1_hi:+.2f}, EM {em_lo:+.2f}..{em_hi:+.2f}), "
@@ -538,6 +604,18 @@ def print_table(result: dict[str, Any]) -> None:
             total = sum(s["stage_seconds"].values())
             parts = ", ".join(f"{k} {t:.2f}s ({100 * t / total:.0f}%)" for k, t in s["stage_seconds"].items())
             print(f"spanflow {p} stages ({s['chunks']} chunks): {parts}")
+    for prefix, side in (("", "spanflow"), ("pipeline_", "pipeline")):
+        if f"{prefix}mixed_precision_speedup" in result:
+            print(
+                f"mixed precision, {side} bf16 vs {side} fp32: x{result[f'{prefix}mixed_precision_speedup']:.2f}, "
+                f"F1 {result[f'{prefix}mixed_precision_f1_change']:+.2f}, "
+                f"EM {result[f'{prefix}mixed_precision_em_change']:+.2f}"
+            )
+    if equal and "inference_speedup_vs_pipeline_fp32_default" in result:
+        print(
+            f"spanflow {result['precision']} vs pipeline fp32 (its default dtype; not a like-for-like ratio): "
+            f"x{result['inference_speedup_vs_pipeline_fp32_default']:.2f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -549,7 +627,8 @@ def main(argv: list[str] | None = None) -> None:
         nargs="+",
         default=["config"],
         choices=["config", "auto", "bf16", "fp32"],
-        help="spanflow precision(s); config = train.precision of params.yaml (auto: bf16 on AMX CPUs)",
+        help="precision(s) of both sides (the pipeline's weights in the same dtype as spanflow's); config ="
+        " train.precision of params.yaml (auto: bf16 on CPUs with AMX or avx512-bf16)",
     )
     parser.add_argument("--threads", type=int, default=None, help="default: train.num_threads, else torch's")
     parser.add_argument("--pipeline-batch-size", type=int, default=1, help="the pipeline's batch_size")
