@@ -29,7 +29,7 @@ class DataConfig:
     dev_split: str = "validation"
     hub_config: str | None = None  # dataset config name for the Hub, if any
     val_fraction: float = 0.1  # share of training articles held out for validation
-    train_articles: int | None = 24  # seeded sample of this many articles of `train`, before the split (None = all)
+    train_articles: int | None = 32  # seeded sample of this many articles of `train`, before the split (None = all)
     train_limit: int | None = None  # first N training questions (None = all)
     dev_limit: int | None = None  # first N dev questions (None = all)
     seed: int = 42
@@ -96,6 +96,7 @@ class TrainConfig:
     num_threads: int | None = None  # torch intra-op threads (None = torch default)
     include_validation: bool = True  # final model on training + validation articles (no per-epoch validation)
     warm_start: bool = True  # final model starts from the search's best trial (LoRA + QA head), not the seed
+    skip_trial_questions: bool = True  # warm-started: train on the questions the trials did not (one pass over all)
 
 
 @dataclass

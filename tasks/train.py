@@ -16,7 +16,13 @@ from transformers import set_seed
 from spanflow.answering.inference import default_device
 from spanflow.config import Config
 from spanflow.data.features import Features
-from spanflow.data.splits import check_prepared, load_split_features, split_records
+from spanflow.data.splits import (
+    check_prepared,
+    load_split_features,
+    split_records,
+    trial_train_records,
+    without_questions,
+)
 from spanflow.data.squad import read_jsonl
 from spanflow.io_utils import atomic_write_json, atomic_write_text
 from spanflow.models.modeling import apply_method, export_merged, load_backbone, load_tokenizer
@@ -125,6 +131,14 @@ def train_stage(cfg: Config, resume: bool = False) -> dict:
             loaded = load_warm_start(prepared.model, warm)
             print(f"warm start: {loaded} trainable tensors from {warm}")
             mlflow.set_tag("train.warm_start", str(warm))
+            if cfg.train.skip_trial_questions:  # the trial trained on these: the pass goes on with the others
+                seen = {r["id"] for r in trial_train_records(cfg)}
+                chunks_before = len(train_feats)
+                train_feats = without_questions(train_feats, train_records, seen)
+                print(
+                    f"warm start: {len(seen):,} questions the trials trained on skipped "
+                    f"({chunks_before:,} -> {len(train_feats):,} chunks)"
+                )
         prepared.model.to(default_device())
         print(
             f"method {cfg.method.name}: {prepared.trainable_params:,} of {prepared.total_params:,} parameters trainable"
@@ -155,7 +169,8 @@ def train_stage(cfg: Config, resume: bool = False) -> dict:
         describe_run(
             f"Final model: {cfg.method.name} ({prepared.trainable_params:,} trainable parameters) on "
             f"{cfg.model.name_or_path}, chunks of {cfg.features.chunk_length} tokens overlapping by "
-            f"{cfg.features.overlap}, {result.steps} steps over {len(train_records):,} training questions in "
+            f"{cfg.features.overlap}, {result.steps} steps over {len(train_feats):,} chunks of "
+            f"{len(train_records):,} training questions in "
             f"{result.precision}; "
             + (f"started from the search's best trial ({warm})." if warm else "started from the seed.")
         )

@@ -18,6 +18,7 @@ import pytest
 
 from spanflow.config import ModelConfig
 from spanflow.data.features import Features, chunk_counts, featurize, load_features, save_features
+from spanflow.data.splits import sample_questions, without_questions
 from spanflow.data.squad import load_squad_json
 from spanflow.models.modeling import load_tokenizer
 
@@ -396,3 +397,28 @@ def test_token_type_ids_mark_context(tok, numbered):
         ctx = ctx_indices(offs)
         assert len(tt) == len(offs)
         assert all(tt[k] == 1 for k in ctx) and all(t == 0 for t in tt[: ctx[0]])
+
+
+def test_without_questions_drops_every_chunk_of_the_skipped_questions() -> None:
+    tok = load_tokenizer(ModelConfig())
+    context = " ".join(f"Sentence {i} says the river is {i} kilometres long." for i in range(40))
+    records = [
+        {
+            "id": f"q{i}",
+            "title": "T",
+            "context": context,
+            "question": f"Which river is {i} kilometres long?",
+            "answers": {"text": [f"{i} kilometres"], "answer_start": [context.index(f" {i} kilometres") + 1]},
+            "is_impossible": False,
+        }
+        for i in range(6)
+    ]
+    feats = featurize(records, tok, 64, 16, 32)
+    skip = {r["id"] for r in sample_questions(records, 2, seed=7)}
+    assert sample_questions(records, 2, seed=7) == sample_questions(records, 2, seed=7)  # seeded
+    kept = without_questions(feats, records, skip)
+    per_question = len(feats) // len(records)  # one context for all: the same chunks for each question
+    assert per_question > 1 and len(kept) == len(feats) - 2 * per_question
+    assert {records[ex]["id"] for ex in kept.example_index} == {r["id"] for r in records} - skip
+    k = feats.example_index.index(kept.example_index[0])  # a kept chunk keeps its tokens and labels
+    assert (kept.input_ids[0], kept.start_positions[0]) == (feats.input_ids[k], feats.start_positions[k])

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import os
-import random
 import socket
 import tempfile
 import threading
@@ -28,6 +27,7 @@ from transformers import set_seed
 from spanflow.answering.inference import default_device
 from spanflow.config import Config
 from spanflow.data.features import Features, Record, featurize
+from spanflow.data.splits import sample_questions, trial_train_records
 from spanflow.data.squad import read_jsonl
 from spanflow.models.modeling import apply_method, load_backbone, load_tokenizer
 from spanflow.models.warm_start import log_trial_weights
@@ -95,14 +95,6 @@ def rung_steps(cfg: Config, total_steps: int) -> list[int]:
     return [*steps, total_steps]
 
 
-def sample_questions(records: list[Record], n: int | None, seed: int) -> list[Record]:
-    """A seeded sample of n questions, in their original order (all of them when n is None)."""
-    if n is None or n >= len(records):
-        return records
-    keep = sorted(random.Random(seed).sample(range(len(records)), n))
-    return [records[i] for i in keep]
-
-
 class _Ticker(threading.Thread):
     """Beats the trial's Optuna heartbeat and samples this process's memory while a trial runs."""
 
@@ -155,8 +147,8 @@ class SearchWorker:
         """(train chunks, validation chunks, validation records), shared by points with equal splitting."""
         if self._records is None:
             trial, seed = self.cfg.search.trial, self.cfg.data.seed
-            sample = sample_questions(read_jsonl(PREPARED / "train.jsonl"), trial.train_questions, seed)
-            self._records = (sample, sample_questions(read_jsonl(PREPARED / "val.jsonl"), trial.val_questions, seed))
+            val = sample_questions(read_jsonl(PREPARED / "val.jsonl"), trial.val_questions, seed)
+            self._records = (trial_train_records(self.cfg), val)
         train, val = self._records
         key = (point.chunk_length, point.overlap)
         if key not in self._chunks:
