@@ -126,19 +126,19 @@ def train_stage(cfg: Config, resume: bool = False) -> dict:
 
         set_seed(cfg.train.seed)  # the new QA head and the LoRA adapters start from the seed ...
         prepared = apply_method(load_backbone(cfg.model), cfg.method)
-        warm = warm_start_file(cfg, best)
+        warm, skipped = warm_start_file(cfg, best), 0
         if warm is not None:  # ... or from the search's best trial
             loaded = load_warm_start(prepared.model, warm)
             print(f"warm start: {loaded} trainable tensors from {warm}")
             mlflow.set_tag("train.warm_start", str(warm))
             if cfg.train.skip_trial_questions:  # the trial trained on these: the pass goes on with the others
                 seen = {r["id"] for r in trial_train_records(cfg)}
-                chunks_before = len(train_feats)
-                train_feats = without_questions(train_feats, train_records, seen)
-                print(
-                    f"warm start: {len(seen):,} questions the trials trained on skipped "
-                    f"({chunks_before:,} -> {len(train_feats):,} chunks)"
-                )
+                rest = without_questions(train_feats, train_records, seen)
+                if len(rest):
+                    print(f"warm start: {len(seen):,} questions of the trials skipped, {len(rest):,} chunks left")
+                    train_feats, skipped = rest, len(seen)
+                else:  # the trials trained on every question: a second pass over them all
+                    print("warm start: the trials trained on every training question; the final model trains on all")
         prepared.model.to(default_device())
         print(
             f"method {cfg.method.name}: {prepared.trainable_params:,} of {prepared.total_params:,} parameters trainable"
@@ -179,6 +179,7 @@ def train_stage(cfg: Config, resume: bool = False) -> dict:
             "run_id": run.info.run_id,
             "method": cfg.method.name,
             "warm_start": str(warm) if warm else None,
+            "trial_questions_skipped": skipped,
             "precision": result.precision,
             "trainable_params": prepared.trainable_params,
             "total_params": prepared.total_params,

@@ -90,7 +90,9 @@ def test_qa_pipeline_flow_lands_in_mlflow_prefect_and_registry(project: Path, pr
     # ... starting from the best trial's weights, which its MLflow run holds
     assert best_file["warm_start"] == "models/search/best_trial.safetensors"
     assert (project / best_file["warm_start"]).is_file()
-    assert json.loads((project / "models/final/train.json").read_text())["warm_start"] == best_file["warm_start"]
+    train_json = json.loads((project / "models/final/train.json").read_text())
+    assert train_json["warm_start"] == best_file["warm_start"]
+    assert train_json["trial_questions_skipped"] == 16  # ... and going on with the questions the trials did not see
 
     # MLflow: params, per-epoch metrics, tags, artifacts
     uri = f"sqlite:///{project / 'mlflow.db'}"
