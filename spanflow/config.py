@@ -29,7 +29,7 @@ class DataConfig:
     dev_split: str = "validation"
     hub_config: str | None = None  # dataset config name for the Hub, if any
     val_fraction: float = 0.1  # share of training articles held out for validation
-    train_articles: int | None = 32  # seeded sample of this many articles of `train`, before the split (None = all)
+    train_articles: int | None = 34  # seeded sample of this many articles of `train`, before the split (None = all)
     train_limit: int | None = None  # first N training questions (None = all)
     dev_limit: int | None = None  # first N dev questions (None = all)
     seed: int = 42
@@ -148,8 +148,8 @@ class ScheduleConfig:
 class SearchSpaceConfig:
     """The grid: every combination is one point (invalid ones are skipped with a reason)."""
 
-    chunk_length: list[int] = field(default_factory=lambda: [192, 256])
-    overlap: list[int] = field(default_factory=lambda: [32, 64])
+    chunk_length: list[int] = field(default_factory=lambda: [256, 192])
+    overlap: list[int] = field(default_factory=lambda: [64, 32])
     lora_rank: list[int] = field(default_factory=lambda: [16])
 
 
