@@ -61,3 +61,8 @@ def test_serve_with_a_model_that_is_not_there(workdir: Path) -> None:
 
     proc = _run(workdir, "serve", "--model-uri", str(workdir / "no-such-dir"))
     _one_line_error(proc, f"--model-uri {workdir / 'no-such-dir'}", "no model there")
+
+
+def test_serve_with_no_workers(workdir: Path) -> None:
+    proc = _run(workdir, "serve", "--workers", "0")
+    _one_line_error(proc, "--workers 0", "must be >= 1")

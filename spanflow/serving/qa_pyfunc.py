@@ -14,6 +14,8 @@ to abstain on. spanflow/answering/spans.py has the details.
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Mapping
 
 import mlflow
 import pandas as pd
@@ -73,12 +75,29 @@ def request_records(model_input: pd.DataFrame | dict, max_batch: int) -> list[di
     return records
 
 
+def torch_threads_from_env(environ: Mapping[str, str] = os.environ) -> int | None:
+    """The torch threads this serving process is given (`spanflow serve --workers N` sets SPANFLOW_TORCH_THREADS
+    to the usable CPUs // N); None when unset: torch's own default."""
+    from spanflow.serving import THREADS_ENV
+
+    value = environ.get(THREADS_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{THREADS_ENV}={value!r}: must be a whole number >= 1")
+    return int(value)
+
+
 class SpanQAModel(PythonModel):
     def load_context(self, context: PythonModelContext) -> None:
+        import torch
         from transformers import AutoTokenizer
 
         from spanflow.answering.inference import default_device, load_qa_model
 
+        threads = torch_threads_from_env()
+        if threads is not None:  # before the model loads; the request threads inherit it
+            torch.set_num_threads(threads)
         with open(context.artifacts["settings"]) as fh:
             self.settings = json.load(fh)
         self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["model_dir"])
@@ -87,6 +106,8 @@ class SpanQAModel(PythonModel):
     def predict(
         self, context: PythonModelContext, model_input: pd.DataFrame, params: dict | None = None
     ) -> pd.DataFrame:
+        import torch
+
         from spanflow.answering.inference import answer_questions
         from spanflow.answering.spans import REGISTERED_BEFORE_SPAN_SCORING
 
@@ -103,7 +124,9 @@ class SpanQAModel(PythonModel):
             s["n_best"],
             s["batch_size"],
             s["precision"],
-            s.get("workers", 1),  # models registered before eval.workers existed
+            # models registered before eval.workers existed have 1; no more threads than torch has (a serving worker
+            # process of 1 torch thread answers batches one after another)
+            max(1, min(s.get("workers", 1), torch.get_num_threads())),
             s.get("span_scoring", REGISTERED_BEFORE_SPAN_SCORING),
         )
         return pd.DataFrame(

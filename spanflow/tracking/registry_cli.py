@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from spanflow.config import Config
+from spanflow.serving import THREADS_ENV
 from spanflow.tracking.runs import setup_mlflow
 
 
@@ -116,19 +117,26 @@ def predict_file(cfg: Config, question: str, context_file: str, model_uri: str |
     return json.dumps(answer, ensure_ascii=False, indent=2)
 
 
-def serve(cfg: Config, model_uri: str | None, host: str | None, port: int | None) -> None:
-    """Replace this process with `mlflow models serve` on the registered model (default: the champion), once
-    the model's URI is known to resolve (a wrong one is a one-line error here, not a server traceback)."""
-    uri = model_uri or champion_uri(cfg)
-    store = cfg.tracking_uri.removeprefix("sqlite:///")
-    if uri.startswith("models:/") and store != cfg.tracking_uri and not Path(store).is_file():
-        raise ValueError(f"--model-uri {uri}: no MLflow store at {cfg.tracking_uri} here (run `make run` first)")
-    mlflow.set_tracking_uri(cfg.tracking_uri)  # to resolve models:/ URIs; opening a store would create one
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity where the OS says, else the machine's count)."""
     try:
-        mlflow.models.get_model_info(uri)
-    except Exception as exc:  # MlflowException, OSError: whatever the store raises for a missing model
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"--model-uri {uri}: no model there ({message[:300]})") from None
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def serve_command(
+    cfg: Config, uri: str, host: str | None, port: int | None, workers: int = 1
+) -> tuple[list[str], dict[str, str]]:
+    """`mlflow models serve` of `uri` with `workers` worker processes, and its environment.
+
+    MLflow 3 starts `uvicorn --workers N` (its `--workers` option, or MLFLOW_MODELS_WORKERS); each worker process
+    loads the model and answers its requests with its own torch threads. Left alone each would take every core,
+    so N workers would run N times the cores' threads against each other: each gets the usable CPUs // N
+    (at least 1) through SPANFLOW_TORCH_THREADS, unless that is already set, which the pyfunc applies when it
+    loads; OMP_NUM_THREADS gets the same default, for versions registered before the pyfunc read it."""
+    if workers < 1:
+        raise ValueError(f"--workers {workers}: must be >= 1")
     command = [
         sys.executable,
         "-m",
@@ -143,6 +151,8 @@ def serve(cfg: Config, model_uri: str | None, host: str | None, port: int | None
         host or cfg.serving.host,
         "--port",
         str(port or cfg.serving.port),
+        "--workers",
+        str(workers),
     ]
     env = {
         **os.environ,
@@ -150,5 +160,24 @@ def serve(cfg: Config, model_uri: str | None, host: str | None, port: int | None
         # mlflow starts `uvicorn` by name: this environment's bin first, even when it is not activated
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
     }
-    print(" ".join(command[1:]), flush=True)
+    env.setdefault(THREADS_ENV, str(max(1, usable_cpus() // workers)))
+    env.setdefault("OMP_NUM_THREADS", env[THREADS_ENV])
+    return command, env
+
+
+def serve(cfg: Config, model_uri: str | None, host: str | None, port: int | None, workers: int = 1) -> None:
+    """Replace this process with `mlflow models serve` on the registered model (default: the champion), once
+    the model's URI is known to resolve (a wrong one is a one-line error here, not a server traceback)."""
+    uri = model_uri or champion_uri(cfg)
+    store = cfg.tracking_uri.removeprefix("sqlite:///")
+    if uri.startswith("models:/") and store != cfg.tracking_uri and not Path(store).is_file():
+        raise ValueError(f"--model-uri {uri}: no MLflow store at {cfg.tracking_uri} here (run `make run` first)")
+    mlflow.set_tracking_uri(cfg.tracking_uri)  # to resolve models:/ URIs; opening a store would create one
+    try:
+        mlflow.models.get_model_info(uri)
+    except Exception as exc:  # MlflowException, OSError: whatever the store raises for a missing model
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"--model-uri {uri}: no model there ({message[:300]})") from None
+    command, env = serve_command(cfg, uri, host, port, workers)
+    print(" ".join(command[1:]), f"({THREADS_ENV}={env[THREADS_ENV]})", flush=True)
     os.execve(sys.executable, command, env)
