@@ -12,6 +12,7 @@ and median / min / max latency. A benchmark, not a test.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -19,7 +20,9 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -41,6 +44,55 @@ def long_context(dev_file: str, min_chars: int) -> tuple[str, dict]:
     return "\n".join(paragraphs), question
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 just now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def spanflow_server(
+    model_uri: str | None = None, workers: int = 1, startup_timeout: float = 600, cwd: Path | None = None
+) -> Iterator[tuple[str, float]]:
+    """`spanflow serve --workers N` on a free loopback port, run in `cwd` (default: this process's; its params.yaml
+    and MLflow store are the ones served from), in its own process group, until the block ends; yields
+    its URL and the seconds until /ping answered and every worker process had loaded the model (uvicorn logs
+    "Application startup complete." once per worker, after the model loaded). The server's output goes to a
+    temporary file whose tail is in the error when it does not come up."""
+    port = free_port()
+    command = [str(Path(sys.executable).parent / "spanflow"), "serve", "--port", str(port), "--workers", str(workers)]
+    if model_uri:
+        command += ["--model-uri", model_uri]
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory(prefix="spanflow-serve-") as tmp:
+        log = Path(tmp) / "server.log"
+        with open(log, "ab") as out:  # append: the child's writes always land at the end
+            server = subprocess.Popen(command, cwd=cwd, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            t0 = time.perf_counter()
+            while True:
+                text = log.read_text(errors="replace")
+                if server.poll() is not None or time.perf_counter() - t0 > startup_timeout:
+                    raise SystemExit(f"the server did not come up (exit {server.poll()}):\n{text[-3000:]}")
+                try:
+                    up = httpx.get(f"{url}/ping", timeout=2).status_code == 200
+                except httpx.TransportError:
+                    up = False
+                if up and text.count("Application startup complete") >= workers:
+                    break
+                time.sleep(0.5)
+            yield url, time.perf_counter() - t0
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-uri", default=None, help="default: the champion")
@@ -50,25 +102,7 @@ def main() -> None:
 
     cfg = load_config("params.yaml")
     context, q = long_context(cfg.data.dev, args.min_chars)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [str(Path(sys.executable).parent / "spanflow"), "serve", "--port", str(port)]
-    if args.model_uri:
-        command += ["--model-uri", args.model_uri]
-    server = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        t0 = time.perf_counter()
-        while True:
-            if server.poll() is not None:
-                raise SystemExit(f"the server exited with {server.returncode}")
-            try:
-                if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
-        startup = time.perf_counter() - t0
+    with spanflow_server(args.model_uri) as (url, startup):
         body = {"dataframe_records": [{"question": q["question"], "context": context}]}
         answer = httpx.post(f"{url}/invocations", json=body, timeout=300).json()["predictions"][0]  # warm-up
         seconds = []
@@ -77,9 +111,6 @@ def main() -> None:
             response = httpx.post(f"{url}/invocations", json=body, timeout=300)
             seconds.append(time.perf_counter() - t)
             response.raise_for_status()
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(30)
 
     from transformers import AutoTokenizer
 

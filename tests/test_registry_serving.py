@@ -246,6 +246,25 @@ def test_served_champion_answers_long_contexts_and_rejects_bad_requests(project:
             server.wait()
 
 
+def test_two_worker_processes_answer_concurrent_clients(project: Path):
+    """`spanflow serve --workers 2`: two uvicorn worker processes each load the champion (the server comes up only
+    once both logged their startup), and 4 clients x 3 requests side by side, through the load test's own loop
+    (benchmarks/load_test.py), all get the same, correct answer; the server still answers afterwards."""
+    from benchmarks.load_test import burst
+    from benchmarks.serve_latency import spanflow_server
+
+    filler = " ".join(f"Ledger entry {i} notes a shipment of grain to the northern harbour." for i in range(150))
+    context = filler + " The lighthouse at Calder was built by Brenna Holm in 1843. " + filler
+    body = {"dataframe_records": [{"question": "Who built the lighthouse at Calder?", "context": context}]}
+    with spanflow_server(workers=2, startup_timeout=180, cwd=project) as (url, _):
+        summary, answers = burst(url, body, context, clients=4, requests=3)
+        assert httpx.get(f"{url}/ping", timeout=30).status_code == 200
+        again = httpx.post(f"{url}/invocations", json=body, timeout=120)
+    assert summary["errors"] == 0 and summary["answered"] == 12, summary["error_kinds"]
+    assert len(answers) == 1  # the same weights and settings in both processes
+    assert again.status_code == 200 and again.json()["predictions"][0]["answer"] in answers
+
+
 def test_predict_answers_from_a_context_file_and_names_a_missing_one(project: Path, tmp_path: Path):
     context = tmp_path / "context.txt"
     text = "Old harbour records. " * 600 + "The Vester bridge opened in 1911. " + "More records follow. " * 10
