@@ -206,17 +206,21 @@ def test_best_over_chunks_maps_to_context_characters(chunked, winner):
     assert ans.score == pytest.approx(6.0 if winner == "first" else 8.0)
 
 
-def test_span_in_overlap_scored_by_better_chunk(chunked):
-    words, context, recs, feats = chunked
+def word_in_overlap(words, context, feats) -> tuple[int, int, int, int, int]:
+    """The first two chunks of question 0, a word present in both, and its token in each: (c0, c1, word, k0, k1)."""
     c0, c1 = [f for f, ex in enumerate(feats.example_index) if ex == 0][:2]
-    # a word present in both of the first two chunks
     w = next(
         i
         for i in range(len(words))
         if chunk_word_tok(words, context, feats, c0, i) is not None
         and chunk_word_tok(words, context, feats, c1, i) is not None
     )
-    k0, k1 = chunk_word_tok(words, context, feats, c0, w), chunk_word_tok(words, context, feats, c1, w)
+    return c0, c1, w, chunk_word_tok(words, context, feats, c0, w), chunk_word_tok(words, context, feats, c1, w)
+
+
+def test_span_in_overlap_scored_by_better_chunk(chunked):
+    words, context, recs, feats = chunked
+    c0, c1, w, k0, k1 = word_in_overlap(words, context, feats)
     assert k0 != k1  # same word, different token position
     s_log, e_log = flat_logits(feats)
     s_log[c0][k0] = e_log[c0][k0] = 1.0
@@ -456,14 +460,7 @@ def test_probability_is_the_surest_chunks_and_never_above_one(chunked, scoring):
     over chunks, 1.84, whose log (+0.61) the served score used to be; the probability is the surer chunk's, 0.95.
     Which answer is chosen does not change."""
     words, context, recs, feats = chunked
-    c0, c1 = [f for f, ex in enumerate(feats.example_index) if ex == 0][:2]
-    w = next(
-        i
-        for i in range(len(words))
-        if chunk_word_tok(words, context, feats, c0, i) is not None
-        and chunk_word_tok(words, context, feats, c1, i) is not None
-    )
-    k0, k1 = chunk_word_tok(words, context, feats, c0, w), chunk_word_tok(words, context, feats, c1, w)
+    c0, c1, w, k0, k1 = word_in_overlap(words, context, feats)
     s_log, e_log = flat_logits(feats, 0.0)
     s_log[c0][k0] = e_log[c0][k0] = 6.0
     s_log[c1][k1] = e_log[c1][k1] = 7.0
