@@ -74,9 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workers",
         type=int,
-        default=1,
+        default=None,
         help="server processes, each with the model and cores // N torch threads (SPANFLOW_TORCH_THREADS overrides);"
-        " default 1",
+        " default: serving.workers",
     )
     _common(p)
     _common(sub.add_parser("deploy", help="serve qa-pipeline as a Prefect deployment on schedule.cron"))
@@ -94,7 +94,7 @@ def _registry_command(args: argparse.Namespace) -> None:
     elif args.command == "predict":
         print(registry_cli.predict_file(cfg, args.question, args.context_file, args.model_uri))
     else:
-        registry_cli.serve(cfg, args.model_uri, args.host, args.port, args.workers)
+        registry_cli.serve(cfg, args.model_uri, args.host, args.port, args.workers or cfg.serving.workers)
 
 
 def preflight(args: argparse.Namespace, cfg: Config) -> str | None:
@@ -108,7 +108,7 @@ def preflight(args: argparse.Namespace, cfg: Config) -> str | None:
                 return f"data.{key}: {source}: file not found (a local SQuAD .json/.json.gz, or a Hub dataset name)"
     if args.command == "predict" and not Path(args.context_file).is_file():
         return f"--context-file {args.context_file}: file not found"
-    if args.command == "serve" and args.workers < 1:
+    if args.command == "serve" and args.workers is not None and args.workers < 1:
         return f"--workers {args.workers}: must be >= 1"
     return None
 

@@ -133,6 +133,7 @@ class ServingConfig:
     port: int = 5001
     max_batch: int = 32  # rows per request; more is answered with HTTP 400
     precision: str = "fp32"  # fp32 | bf16: what the served model computes in
+    workers: int = 1  # `spanflow serve` processes, each with the model and usable CPUs // workers torch threads
 
 
 @dataclass
@@ -367,6 +368,8 @@ def _validate_registry_serving_schedule(cfg: Config) -> None:
         raise ConfigError(f"registry.confidence: {r.confidence} must be in (0.5, 1)")
     if sv.max_batch < 1:
         raise ConfigError("serving.max_batch: must be >= 1")
+    if sv.workers < 1:
+        raise ConfigError(f"serving.workers: {sv.workers} must be >= 1")
     if not 0 < sv.port < 65536:
         raise ConfigError(f"serving.port: {sv.port} is not a TCP port")
     if sv.precision not in {"fp32", "bf16"}:

@@ -11,8 +11,8 @@ as the pipeline's `align_to_words` does.
 Over 10 trained models chunk_softmax scored EM +0.27 and F1 -0.02 on average against logit_sum on held-out
 questions: as accurate, with the pipeline's answers (benchmarks/README.md, twelfth round).
 
-The ranking score is no probability: a sum over chunks exceeds 1 when several chunks hold the answer (its log went
-to +0.23 on a long context, and a context repeated k times adds up about k times the mass). What a user reads and
+The ranking score is no probability: a sum over chunks exceeds 1 when several chunks hold the answer (a context
+repeated k times adds up about k times the mass). What a user reads and
 thresholds, under either rule, is `Answer.probability`: the probability of the answer in the chunk most sure of it.
 In one chunk, the chance that the answer starts at token i and ends at token j is p(start = i) * p(end = j), each a
 softmax over the chunk's context tokens and [CLS]; the answer's probability in that chunk adds this up over its
