@@ -56,7 +56,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "train": {"epochs": 1, "reps": 3, "val_questions": 300, "dev_questions": None, "vary_seed": True},
         # both sides in each precision: the headline at train.precision resolved here (bf16 where the CPU has it), then
         # fp32 for the mixed-precision gain (the same precision twice runs once)
-        "infer": {"questions": None, "reps": 3, "precisions": ["config", "fp32"]},
+        # then spanflow through ONNX Runtime, fp32 and int8, against its own torch fp32 and the pipeline's fp32
+        "infer": {"questions": None, "reps": 3, "precisions": ["config", "fp32"], "runtimes": ["onnx", "onnx_int8"]},
         "lora": {"steps": 20, "reps": 3, "train_questions": 400, "val_questions": 100},
         "scaling": {"questions": 24, "train_steps": 4, "reps": 2},
     },
@@ -69,7 +70,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "dev_questions": 20,
             "vary_seed": False,
         },
-        "infer": {"questions": 40, "reps": 1, "precisions": ["config"]},
+        "infer": {"questions": 40, "reps": 1, "precisions": ["config"], "runtimes": ["onnx_int8"]},
         "lora": {"steps": 4, "reps": 1, "train_questions": 48, "val_questions": 20},
         "scaling": {"questions": 4, "chunks": (1, 2), "lengths": (128, 256), "train_steps": 1, "reps": 1},
     },
@@ -87,6 +88,8 @@ TARGETS = [
     ),
     ("f1_gap_vs_pipeline", "abs<=", 0.5, "dev F1 of the two inferences agree (same dtype)"),
     ("em_gap_vs_pipeline", "abs<=", 0.5, "dev EM of the two inferences agree (same dtype)"),
+    ("onnx_f1_change_vs_torch_fp32", "abs<=", 0.5, "dev F1 through ONNX Runtime (fp32) vs spanflow's torch fp32"),
+    ("onnx_int8_f1_change_vs_torch_fp32", "abs<=", 0.5, "dev F1 through ONNX Runtime with int8 Linears vs torch fp32"),
     ("lora_step_time_ratio", "<=", 0.8, "LoRA step time / full fine-tuning"),
     ("lora_peak_memory_ratio", "<=", 0.6, "LoRA training memory / full fine-tuning"),
 ]
@@ -248,6 +251,13 @@ def headline(sections: dict[str, Any]) -> dict[str, float | None]:
             f"{metric}_gap_vs_pipeline_{rule}": infer and infer.get(f"{metric}_gap_vs_pipeline_{rule}")
             for rule in SPAN_SCORINGS
             for metric in ("f1", "em")
+        },
+        # ONNX Runtime (fp32, int8 Linears) against spanflow's torch fp32 and the pipeline's fp32; speed-ups not targets
+        **{
+            f"{rt}_{figure}_vs_{against}": infer and infer.get(f"{rt}_{figure}_vs_{against}")
+            for rt in ("onnx", "onnx_int8")
+            for figure in ("speedup", "f1_change")
+            for against in ("torch_fp32", "pipeline_fp32")
         },
         "lora_step_time_ratio": lora and lora["lora_step_time_ratio"],
         "lora_peak_memory_ratio": lora and lora["lora_peak_memory_ratio"],

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from spanflow.answering.onnx_runtime import RUNTIMES
 from spanflow.answering.spans import DEFAULT_SPAN_SCORING, SPAN_SCORINGS
 from spanflow.training.memory import peak_rss_mb
 
@@ -114,7 +115,7 @@ def spanflow_side(args: argparse.Namespace) -> dict[str, Any]:
     from spanflow.answering.inference import (
         answer_questions,
         default_device,
-        load_qa_model,
+        load_answering_model,
         resolve_precision,
         run_model,
     )
@@ -127,8 +128,15 @@ def spanflow_side(args: argparse.Namespace) -> dict[str, Any]:
     records = read_jsonl(args.records)
     device = default_device()
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    precision = resolve_precision(args.precision, device)
-    model = load_qa_model(args.model_dir, precision, device)  # as the evaluate stage and the served model load it
+    # as the evaluate stage and the served model load it; an ONNX export is made (or found in models/onnx) untimed
+    model, precision = load_answering_model(
+        args.model_dir,
+        args.runtime,
+        resolve_precision(args.precision, device),
+        device,
+        args.workers,
+        json.loads(args.int8_skip_modules),
+    )
     feat_args = (args.chunk_length, args.overlap, args.max_query_length)
 
     def answer(recs: list[dict]) -> list[str]:
@@ -160,6 +168,7 @@ def spanflow_side(args: argparse.Namespace) -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "precision": precision,
+        "runtime": args.runtime,
         "device": str(device),
     }
     if args.stages or args.by_scoring:  # the three steps of answer_questions, one by one
@@ -337,9 +346,11 @@ def compare(
     keep: Path | None = None,
     max_load: float | None = None,
     max_wait: float = 600,
+    runtimes: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run both sides `reps` times at each precision, alternating (spanflow, then the pipeline with its
-    weights in the same dtype, precision by precision), and return every figure. `precisions`: "config"
+    weights in the same dtype, precision by precision), then spanflow with each ONNX Runtime path of
+    `runtimes` (onnx, onnx_int8: fp32 on the CPU, int8 Linears), and return every figure. `precisions`: "config"
     (train.precision of params.yaml, resolved for this machine), "bf16", "fp32"; the first one gives the
     headline ratio and gaps. With `max_load`, each child waits (at most `max_wait` s) for the 1-minute
     load average to fall below it: other work on the machine slows the pipeline's batch-1 forwards far
@@ -403,8 +414,8 @@ def compare(
                 *("--out", str(work / f"pipeline-{precision}.json")),
             ]
 
-        def spanflow_cmd(precision: str, first: bool) -> list[str]:
-            out = work / f"spanflow-{precision}.json"
+        def spanflow_cmd(precision: str, first: bool, runtime: str = "torch") -> list[str]:
+            out = work / f"spanflow-{precision}-{runtime}.json"
             return [
                 sys.executable,
                 "-m",
@@ -417,22 +428,29 @@ def compare(
                 *("--n-best", str(e.n_best), "--batch-size", str(e.batch_size), "--squad-version", version),
                 *("--workers", str(e.workers), "--span-scoring", e.span_scoring),
                 *("--no-answer-threshold", str(e.no_answer_threshold), "--out", str(out)),
+                *("--runtime", runtime, "--int8-skip-modules", json.dumps(e.int8_skip_modules)),
                 *(["--stages"] if stages and first else []),
-                *(["--by-scoring"] if first else []),
+                *(["--by-scoring"] if first and runtime == "torch" else []),
             ]
 
         ours: dict[str, list[dict[str, Any]]] = {p: [] for p in resolved}
         theirs: dict[str, list[dict[str, Any]]] = {p: [] for p in resolved}
+        onnx: dict[str, list[dict[str, Any]]] = {r: [] for r in runtimes or [] if r != "torch"}
         load_before = os.getloadavg()[0]
         idle = (max_load, max_wait)
         for rep in range(reps):
             for p in resolved:
-                r = _run_child(spanflow_cmd(p, rep == 0), work / f"spanflow-{p}.json", env, work / "log", idle)
+                r = _run_child(spanflow_cmd(p, rep == 0), work / f"spanflow-{p}-torch.json", env, work / "log", idle)
                 ours[p].append(r)
                 print(f"rep {rep + 1}/{reps} spanflow {p}: {r['questions_per_second']:.2f} q/s", file=sys.stderr)
                 r = _run_child(pipeline_cmd(p), work / f"pipeline-{p}.json", env, work / "log", idle)
                 theirs[p].append(r)
                 print(f"rep {rep + 1}/{reps} pipeline {p}: {r['questions_per_second']:.2f} q/s", file=sys.stderr)
+            for rt in onnx:
+                out = work / f"spanflow-fp32-{rt}.json"
+                r = _run_child(spanflow_cmd("fp32", False, rt), out, env, work / "log", idle)
+                onnx[rt].append(r)
+                print(f"rep {rep + 1}/{reps} spanflow {rt}: {r['questions_per_second']:.2f} q/s", file=sys.stderr)
         load_after = os.getloadavg()[0]
 
     meta = {
@@ -446,7 +464,7 @@ def compare(
         "cpu_count": os.cpu_count(),
         "load_average_1min": [load_before, load_after],  # other work on the machine skews the timings
     }
-    return summarize(records, version, cfg.registry, ours, theirs, meta)
+    return summarize(records, version, cfg.registry, ours, theirs, meta, onnx)
 
 
 def _side_summary(side_runs: list[dict[str, Any]], records: list[dict], version: str) -> dict[str, Any]:
@@ -490,6 +508,7 @@ def summarize(
     ours: dict[str, list[dict[str, Any]]],
     theirs: dict[str, list[dict[str, Any]]],
     meta: dict[str, Any] | None = None,
+    onnx: dict[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """Every figure from the children's results. `ours[p]` / `theirs[p]`: spanflow's / the pipeline's reps at
     precision p (both sides' weights in p's dtype), in the order the precisions were asked for; `gate`: the
@@ -501,7 +520,8 @@ def summarize(
     `mixed_precision_speedup` (spanflow bf16 / spanflow fp32 questions/s) and `pipeline_mixed_precision_speedup`,
     with the EM/F1 each loses or gains by it. `inference_speedup_vs_pipeline_fp32_default`: spanflow at the first
     precision against the pipeline in fp32, the dtype it loads in unless told (the figure earlier rounds headlined,
-    for comparison only)."""
+    for comparison only). `onnx[r]`: spanflow's reps with ONNX Runtime path r, each against spanflow's torch fp32
+    and the pipeline's fp32 where those ran: `<r>_speedup_vs_torch_fp32`, `<r>_f1_change_vs_torch_fp32`, ...."""
     result: dict[str, Any] = {**(meta or {}), "equal_precision": True, "pipeline": {}, "spanflow": {}}
     for i, p in enumerate(ours):
         side = _side_summary(ours[p], records, version)
@@ -539,6 +559,21 @@ def summarize(
         result["inference_speedup_vs_pipeline_fp32_default"] = _median_qps(ours[result["precision"]]) / _median_qps(
             theirs["fp32"]
         )
+    if onnx:
+        result["onnx_runtime"] = {}
+    for rt, runs in (onnx or {}).items():
+        side = result["onnx_runtime"][rt] = _side_summary(runs, records, version)
+        for name, against in (("torch_fp32", ours.get("fp32")), ("pipeline_fp32", theirs.get("fp32"))):
+            if not against:
+                continue
+            other = _side_summary(against, records, version)
+            figures = {
+                f"{rt}_speedup_vs_{name}": _median_qps(runs) / _median_qps(against),
+                f"{rt}_f1_change_vs_{name}": side["f1"] - other["f1"],
+                f"{rt}_em_change_vs_{name}": side["exact_match"] - other["exact_match"],
+            }
+            side.update(figures)
+            result.update(figures)
     return result
 
 
@@ -611,6 +646,17 @@ def print_table(result: dict[str, Any]) -> None:
                 f"F1 {result[f'{prefix}mixed_precision_f1_change']:+.2f}, "
                 f"EM {result[f'{prefix}mixed_precision_em_change']:+.2f}"
             )
+    for rt, s in result.get("onnx_runtime", {}).items():
+        q = s["questions_per_second"]
+        against = [
+            f"x{s[f'{rt}_speedup_vs_{n}']:.2f} F1 {s[f'{rt}_f1_change_vs_{n}']:+.2f} vs {n.replace('_', ' ')}"
+            for n in ("torch_fp32", "pipeline_fp32")
+            if f"{rt}_speedup_vs_{n}" in s
+        ]
+        print(
+            f"spanflow {rt} (ONNX Runtime): {q['median']:.2f} q/s ({q['min']:.2f}-{q['max']:.2f}), "
+            f"EM {s['exact_match']:.2f} F1 {s['f1']:.2f}, RSS {s['peak_rss_mb']:.0f} MB; {'; '.join(against)}"
+        )
     if equal and "inference_speedup_vs_pipeline_fp32_default" in result:
         print(
             f"spanflow {result['precision']} vs pipeline fp32 (its default dtype; not a like-for-like ratio): "
@@ -638,6 +684,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-wait", type=float, default=600, help="seconds to wait for --max-load, per run")
     parser.add_argument("--keep", type=Path, default=None, help="keep the children's files in this folder")
     parser.add_argument("--setup-only", action="store_true", help="only make benchmarks/.venv-tf52")
+    parser.add_argument(
+        "--runtimes", nargs="*", choices=RUNTIMES, default=["onnx", "onnx_int8"], help="spanflow's ONNX Runtime paths"
+    )
     # --side spanflow: the child process that runs spanflow's inference (started by `compare`)
     parser.add_argument("--side", choices=["spanflow"], default=None, help=argparse.SUPPRESS)
     child = parser.add_argument_group("child process (--side spanflow)")
@@ -655,6 +704,8 @@ def main(argv: list[str] | None = None) -> None:
     child.add_argument("--no-answer-threshold", type=float, default=0.0)
     child.add_argument("--span-scoring", choices=SPAN_SCORINGS, default=DEFAULT_SPAN_SCORING)
     child.add_argument("--by-scoring", action="store_true", help="also decode with every span-scoring rule")
+    child.add_argument("--runtime", choices=RUNTIMES, default="torch")
+    child.add_argument("--int8-skip-modules", default="[]", help="JSON list (eval.int8_skip_modules)")
     args = parser.parse_args(argv)
 
     if args.side == "spanflow":
@@ -675,6 +726,7 @@ def main(argv: list[str] | None = None) -> None:
         keep=args.keep,
         max_load=args.max_load,
         max_wait=args.max_wait,
+        runtimes=args.runtimes,
     )
     print_table(result)
     if args.json:

@@ -12,6 +12,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
+from spanflow.answering.onnx_runtime import RUNTIMES
 from spanflow.answering.spans import DEFAULT_SPAN_SCORING, SPAN_SCORINGS
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -107,6 +108,8 @@ class EvalConfig:
     workers: int = 2  # CPU: batches answered side by side by this many threads, torch's threads shared out
     no_answer_threshold: float = 0.0  # v2.0: predict "" when null score - best span score > this
     span_scoring: str = DEFAULT_SPAN_SCORING  # chunk_softmax (the <= 5.2 QA pipeline's) | logit_sum (run_qa.py's)
+    runtime: str = "torch"  # torch | onnx | onnx_int8 (ONNX Runtime on the CPU, fp32 or int8 Linears)
+    int8_skip_modules: list[str] = field(default_factory=lambda: ["intermediate"])  # Linears kept fp32 in onnx_int8
 
 
 @dataclass
@@ -134,6 +137,7 @@ class ServingConfig:
     max_batch: int = 32  # rows per request; more is answered with HTTP 400
     precision: str = "fp32"  # fp32 | bf16: what the served model computes in
     workers: int = 1  # `spanflow serve` processes, each with the model and usable CPUs // workers torch threads
+    runtime: str | None = None  # torch | onnx | onnx_int8; None: eval.runtime (the served model is the evaluated one)
 
 
 @dataclass
@@ -347,6 +351,12 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"train.max_pass_tokens: {cfg.train.max_pass_tokens} must be >= 1 or null")
     if cfg.eval.workers < 1:
         raise ConfigError(f"eval.workers: {cfg.eval.workers} must be >= 1")
+    if cfg.eval.runtime not in RUNTIMES:
+        raise ConfigError(f"eval.runtime: {cfg.eval.runtime!r} is not {'|'.join(RUNTIMES)}")
+    if not isinstance(cfg.eval.int8_skip_modules, list) or not all(
+        isinstance(m, str) and m for m in cfg.eval.int8_skip_modules
+    ):
+        raise ConfigError(f"eval.int8_skip_modules: {cfg.eval.int8_skip_modules!r} must be a list of module names")
     if cfg.eval.span_scoring not in SPAN_SCORINGS:
         raise ConfigError(f"eval.span_scoring: {cfg.eval.span_scoring!r} is not {'|'.join(SPAN_SCORINGS)}")
     if cfg.train.head_lr_ratio <= 0:
@@ -372,6 +382,8 @@ def _validate_registry_serving_schedule(cfg: Config) -> None:
         raise ConfigError(f"serving.workers: {sv.workers} must be >= 1")
     if not 0 < sv.port < 65536:
         raise ConfigError(f"serving.port: {sv.port} is not a TCP port")
+    if sv.runtime is not None and sv.runtime not in RUNTIMES:
+        raise ConfigError(f"serving.runtime: {sv.runtime!r} is not {'|'.join(RUNTIMES)} or null (eval.runtime)")
     if sv.precision not in {"fp32", "bf16"}:
         raise ConfigError(f"serving.precision: {sv.precision!r} is not fp32|bf16")
     try:

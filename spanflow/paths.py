@@ -6,6 +6,7 @@ PREPARED = Path("data/prepared")  # train/val/dev records + version.json
 FEATURES = Path("data/features")  # tokenized chunks of train and val
 MODEL = Path("models/final")  # hf/ (merged model + tokenizer), checkpoints/, run.json, train.json
 SEARCH_MODEL = Path("models/search")  # best_trial.safetensors: the search's best trial, the final model's start
+ONNX_CACHE = Path("models/onnx")  # <weights' sha256>/model.onnx, model.int8.onnx: exports for ONNX Runtime
 RESULTS = Path("results")  # predictions.json, metrics.json, history.csv, plots, registered.json
 
 VERSION_FILE = PREPARED / "version.json"  # prepare: content hashes, DVC md5s, the split

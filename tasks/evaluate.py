@@ -41,6 +41,7 @@ def evaluate_stage(cfg: Config) -> dict:
         "train_peak_rss_mb": train["train_peak_rss_mb"],
         "eval_peak_rss_mb": round(peak_rss_mb(), 1),
         "precision": precision,
+        "runtime": cfg.eval.runtime,
     }
     atomic_write_json(PREDICTIONS_FILE, predictions)
     atomic_write_json(METRICS_FILE, metrics)

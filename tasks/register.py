@@ -17,16 +17,18 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 import spanflow
+from spanflow.answering.onnx_runtime import ensure_onnx
 from spanflow.config import Config
 from spanflow.data.splits import check_prepared
 from spanflow.io_utils import atomic_write_json
-from spanflow.paths import METRICS_FILE, MODEL, REGISTERED_FILE
+from spanflow.paths import METRICS_FILE, MODEL, ONNX_CACHE, REGISTERED_FILE
 from spanflow.search.best_params import final_config
 from spanflow.tracking.runs import load_run_ref, setup_mlflow
 
 LIBRARY_DIR = Path(spanflow.__file__).parent  # shipped with the model: the pyfunc answers with it
 PYFUNC_FILE = LIBRARY_DIR / "serving" / "qa_pyfunc.py"  # models-from-code: MLflow runs it, nothing is pickled
 SERVING_REQUIREMENTS = ("mlflow", "torch", "transformers", "pandas", "numpy")
+ONNX_SERVING_REQUIREMENTS = ("onnxruntime",)
 # Both inputs optional to MLflow: its schema check runs before predict and answers a missing field with its own
 # words after an echo of the request; the pyfunc checks them itself and names the field and the row (a 400).
 SIGNATURE = ModelSignature(
@@ -50,9 +52,15 @@ def pinned_requirement(package: str, version: str) -> str:
     return f"{package}=={Version(version).public}"
 
 
-def serving_requirements() -> list[str]:
+def serving_requirements(runtime: str = "torch") -> list[str]:
     """The installed versions of what the pyfunc imports, pinned as a plain package index serves them."""
-    return [pinned_requirement(p, md.version(p)) for p in SERVING_REQUIREMENTS]
+    packages = SERVING_REQUIREMENTS + (ONNX_SERVING_REQUIREMENTS if runtime != "torch" else ())
+    return [pinned_requirement(p, md.version(p)) for p in packages]
+
+
+def serving_runtime(cfg: Config) -> str:
+    """What the registered model answers with: serving.runtime, else the runtime it was evaluated with."""
+    return cfg.serving.runtime or cfg.eval.runtime
 
 
 def serving_settings(cfg: Config) -> dict:
@@ -67,6 +75,7 @@ def serving_settings(cfg: Config) -> dict:
         "workers": cfg.eval.workers,
         "max_batch": cfg.serving.max_batch,
         "precision": cfg.serving.precision,
+        "runtime": serving_runtime(cfg),
     }
 
 
@@ -83,14 +92,18 @@ def log_and_register(cfg: Config, run_id: str) -> int:
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         settings = Path(tmp) / "settings.json"
         settings.write_text(json.dumps(serving_settings(cfg)))
+        artifacts = {"model_dir": str(MODEL / "hf"), "settings": str(settings)}
+        runtime = serving_runtime(cfg)
+        if runtime != "torch":  # the ONNX file the served model answers with (the evaluate stage's, if it made it)
+            artifacts["onnx_model"] = str(ensure_onnx(MODEL / "hf", runtime, cfg.eval.int8_skip_modules, ONNX_CACHE))
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_FILE),
-            artifacts={"model_dir": str(MODEL / "hf"), "settings": str(settings)},
+            artifacts=artifacts,
             code_paths=[str(LIBRARY_DIR)],
             input_example=example,
             signature=SIGNATURE,
-            pip_requirements=serving_requirements(),
+            pip_requirements=serving_requirements(runtime),
             registered_model_name=cfg.registry.model_name,
         )
     return int(info.registered_model_version)

@@ -134,3 +134,31 @@ def test_an_inference_section_of_the_rounds_before_gives_no_equal_precision_figu
     figures = headline({"infer": old})
     assert figures["inference_speedup_vs_pipeline_equal_precision"] is None  # bf16 vs fp32 is not relabelled
     assert figures["f1_gap_vs_pipeline"] is None and figures["em_gap_vs_pipeline"] is None
+
+
+def test_onnx_runtime_rows_compare_against_torch_fp32_and_the_pipeline_fp32() -> None:
+    """Each ONNX Runtime path gets its speed-up and F1 change against spanflow's torch fp32 and the pipeline's fp32,
+    and the int8 F1 change is a target (within 0.5)."""
+    right = ["Ada Lovelace", "1843", "the harbour", "grain"]
+    one_wrong = ["Ada Lovelace", "1843", "the harbour", "salt"]
+    ours = {"fp32": _child([40.0, 42.0], right)}
+    theirs = {"fp32": _child([20.0, 20.0], right, dtype="fp32")}
+    onnx = {"onnx": _child([41.0, 41.0], right), "onnx_int8": _child([60.0, 66.0], one_wrong)}
+    infer = summarize(RECORDS, "1.1", GATE, ours, theirs, None, onnx)
+    assert infer["onnx_int8_speedup_vs_torch_fp32"] == pytest.approx(63 / 41)
+    assert infer["onnx_int8_speedup_vs_pipeline_fp32"] == pytest.approx(63 / 20)
+    assert infer["onnx_int8_f1_change_vs_torch_fp32"] == pytest.approx(-25.0)
+    assert infer["onnx_f1_change_vs_pipeline_fp32"] == 0
+    figures = headline({"infer": infer | {"equal_precision": True}})
+    rows = {t["figure"]: t for t in check_targets(figures)}
+    assert rows["onnx_f1_change_vs_torch_fp32"]["met"] is True
+    assert rows["onnx_int8_f1_change_vs_torch_fp32"]["met"] is False
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_table(
+            infer
+            | {"questions": 4, "squad_version": "1.1", "reps": 2, "threads": 2, "cpu_count": 2}
+            | {"settings": {"chunk_length": 128, "overlap": 32}, "load_average_1min": [0.5, 0.5]}
+        )
+    assert "spanflow onnx_int8 (ONNX Runtime): 63.00 q/s" in out.getvalue()
+    assert "x1.54 F1 -25.00 vs torch fp32" in out.getvalue()

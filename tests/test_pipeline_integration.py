@@ -206,7 +206,7 @@ def test_dvc_repro_runs_the_stages_and_reruns_only_what_changed(project: Path, p
     assert _dvc(project, "status", env=env).strip().endswith("Data and pipelines are up to date.")
 
 
-def test_make_run_and_dvc_repro_are_one_path(project: Path, prefect_server: str) -> None:
+def test_make_run_and_dvc_repro_are_one_path(project: Path, prefect_server: str, tmp_path: Path) -> None:
     """`spanflow run` (make run) on params.yaml leaves dvc.lock recording its outputs: nothing left to redo;
     with an override it leaves dvc.lock alone, and DVC sees the difference."""
     import mlflow
@@ -224,12 +224,26 @@ def test_make_run_and_dvc_repro_are_one_path(project: Path, prefect_server: str)
     train_run = client.get_run(json.loads((project / "models/final/run.json").read_text())["run_id"])
     assert train_run.data.tags["git_commit"] == commit
 
+    # the override evaluates and registers with ONNX Runtime (int8): the version carries its ONNX file
     run = subprocess.run(
-        [str(BIN / "spanflow"), "run", "--set", "eval.n_best=5"], cwd=project, env=env, capture_output=True, text=True
+        [str(BIN / "spanflow"), "run", "--set", "eval.runtime=onnx_int8"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "dvc.lock left as it was" in run.stdout + run.stderr
     assert "evaluate" in _dvc(project, "status", env=env)
+    assert json.loads((project / "results/metrics.json").read_text())["runtime"] == "onnx_int8"
+    version = json.loads((project / "results/registered.json").read_text())["version"]
+    source = client.get_model_version_download_uri("spanflow-qa-test", str(version))
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp_path / "downloaded")))
+    onnx_files = list(local.glob("artifacts/**/model.int8.onnx"))
+    assert len(onnx_files) == 1 and onnx_files[0].stat().st_size > 0
+    settings = json.loads(next(local.glob("artifacts/**/settings.json")).read_text())
+    assert settings["runtime"] == "onnx_int8"
+    assert any(line.startswith("onnxruntime==") for line in (local / "requirements.txt").read_text().splitlines())
 
 
 def _bad_offset(project: Path) -> tuple[str, bytes, list[str]]:

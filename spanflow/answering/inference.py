@@ -12,10 +12,12 @@ import numpy as np
 import torch
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer, PreTrainedModel
 
+from spanflow.answering.onnx_runtime import OnnxQAModel, ensure_onnx
 from spanflow.answering.spans import DEFAULT_SPAN_SCORING, Answer, answer_texts, best_spans
 from spanflow.config import Config
 from spanflow.data.features import Features, Record, featurize
 from spanflow.models.qa_loss import span_loss
+from spanflow.paths import ONNX_CACHE
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -51,6 +53,25 @@ def load_qa_model(model_dir: str | Path, precision: str, device: torch.device) -
     model = AutoModelForQuestionAnswering.from_pretrained(model_dir).to(device).eval()
     dtype = PRECISIONS[precision]
     return model.to(dtype) if dtype is not None else model
+
+
+def load_answering_model(
+    model_dir: str | Path,
+    runtime: str,
+    precision: str,
+    device: torch.device,
+    workers: int = 1,
+    int8_skip_modules: list[str] | tuple[str, ...] = (),
+    onnx_file: str | Path | None = None,
+) -> tuple[PreTrainedModel | OnnxQAModel, str]:
+    """The model that answers with `runtime` (torch | onnx | onnx_int8), and the precision it computes in.
+    ONNX Runtime runs on the CPU in fp32 (int8 Linears for onnx_int8), from `onnx_file` or an export of
+    `model_dir` (cached in models/onnx); its `workers` batches in flight share torch's thread count."""
+    if runtime == "torch":
+        return load_qa_model(model_dir, precision, device), precision
+    onnx_file = onnx_file or ensure_onnx(Path(model_dir), runtime, list(int8_skip_modules), ONNX_CACHE)
+    threads = max(1, torch.get_num_threads() // max(1, workers))
+    return OnnxQAModel(Path(onnx_file), threads), "fp32"
 
 
 def default_device() -> torch.device:
@@ -89,7 +110,7 @@ def length_sorted_batches(feats: Features, batch_size: int) -> Iterator[list[int
 
 
 def run_model(
-    model: torch.nn.Module,
+    model: torch.nn.Module | OnnxQAModel,
     feats: Features,
     batch_size: int,
     precision: str,
@@ -101,17 +122,24 @@ def run_model(
 
     On the CPU, `workers` threads run whole batches side by side, each with its share of torch's threads: two
     workers of one thread answered 1.17x the questions/s of one worker of two threads on the 2-core development
-    CPU (`benchmarks/README.md`). On a GPU the batches run one after another."""
-    device = next(model.parameters()).device
+    CPU (`benchmarks/README.md`). On a GPU the batches run one after another. An `OnnxQAModel` answers on the
+    CPU, without a loss."""
+    onnx = isinstance(model, OnnxQAModel)
+    if onnx and with_loss:
+        raise ValueError("run_model: the loss needs the torch model; ONNX Runtime only answers")
+    device = torch.device("cpu") if onnx else next(model.parameters()).device
     workers = max(1, workers) if device.type == "cpu" else 1
-    was_training = model.training
-    model.eval()
+    was_training = not onnx and model.training
+    if not onnx:
+        model.eval()
     starts: list[np.ndarray] = [np.empty(0)] * len(feats)
     ends: list[np.ndarray] = [np.empty(0)] * len(feats)
     threads = torch.get_num_threads()
 
     def forward(idx: list[int]) -> tuple[list[int], np.ndarray, np.ndarray, float]:
         batch = {k: v.to(device) for k, v in pad_batch(feats, idx, pad_id, with_loss).items()}
+        if onnx:
+            return idx, *model.logits(batch), 0.0
         labels = (batch.pop("start_positions"), batch.pop("end_positions")) if with_loss else None
         with torch.inference_mode(), autocast(device, precision, model):  # both are per thread too
             out = model(**batch)
@@ -139,12 +167,13 @@ def run_model(
     finally:
         if workers > 1:
             torch.set_num_threads(threads)  # the setting is partly process-wide: put the caller's back
-        model.train(was_training)
+        if not onnx:
+            model.train(was_training)
     return starts, ends, (loss_sum / len(feats) if with_loss and len(feats) else None)
 
 
 def answer_questions(
-    model: torch.nn.Module,
+    model: torch.nn.Module | OnnxQAModel,
     tokenizer,
     records: list[Record],
     chunk_length: int,
@@ -170,8 +199,14 @@ def predict_records(
     and the precision it ran in. The promotion gate re-scores an old champion through here too."""
     device = default_device()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    precision = resolve_precision(cfg.train.precision, device)
-    model = load_qa_model(model_dir, precision, device)
+    model, precision = load_answering_model(
+        model_dir,
+        cfg.eval.runtime,
+        resolve_precision(cfg.train.precision, device),
+        device,
+        cfg.eval.workers,
+        cfg.eval.int8_skip_modules,
+    )
     t0 = time.perf_counter()
     answers = answer_questions(
         model,

@@ -9,6 +9,9 @@ each a softmax over the chunk's context tokens and [CLS], added up over that chu
 text; a long or repeated context cannot push it past 1), and `no_answer_score`, the probability in [0, 1] that
 the context holds no answer (p([CLS], [CLS]) in the chunk least sure of that): for SQuAD 2.0 models, the number
 to abstain on. spanflow/answering/spans.py has the details.
+
+It answers with the runtime it was registered with (serving.runtime, else eval.runtime): torch, or ONNX Runtime
+from the `onnx_model` artifact (spanflow/answering/onnx_runtime.py).
 """
 
 from __future__ import annotations
@@ -93,7 +96,7 @@ class SpanQAModel(PythonModel):
         import torch
         from transformers import AutoTokenizer
 
-        from spanflow.answering.inference import default_device, load_qa_model
+        from spanflow.answering.inference import default_device, load_answering_model
 
         threads = torch_threads_from_env()
         if threads is not None:  # before the model loads; the request threads inherit it
@@ -101,12 +104,26 @@ class SpanQAModel(PythonModel):
         with open(context.artifacts["settings"]) as fh:
             self.settings = json.load(fh)
         self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["model_dir"])
-        self.model = load_qa_model(context.artifacts["model_dir"], self.settings["precision"], default_device())
+        # models registered before serving.runtime existed answer with torch
+        self.model, self.precision = load_answering_model(
+            context.artifacts["model_dir"],
+            self.settings.get("runtime", "torch"),
+            self.settings["precision"],
+            default_device(),
+            self.workers(),
+            onnx_file=context.artifacts.get("onnx_model"),
+        )
+
+    def workers(self) -> int:
+        """Batches answered side by side: eval.workers (1 for models registered before it existed), no more than
+        torch has threads (a serving process of 1 torch thread answers batches one after another)."""
+        import torch
+
+        return max(1, min(self.settings.get("workers", 1), torch.get_num_threads()))
 
     def predict(
         self, context: PythonModelContext, model_input: pd.DataFrame, params: dict | None = None
     ) -> pd.DataFrame:
-        import torch
 
         from spanflow.answering.inference import answer_questions
         from spanflow.answering.spans import REGISTERED_BEFORE_SPAN_SCORING
@@ -123,10 +140,8 @@ class SpanQAModel(PythonModel):
             s["max_answer_length"],
             s["n_best"],
             s["batch_size"],
-            s["precision"],
-            # models registered before eval.workers existed have 1; no more threads than torch has (a serving worker
-            # process of 1 torch thread answers batches one after another)
-            max(1, min(s.get("workers", 1), torch.get_num_threads())),
+            self.precision,
+            self.workers(),
             s.get("span_scoring", REGISTERED_BEFORE_SPAN_SCORING),
         )
         return pd.DataFrame(
