@@ -35,12 +35,18 @@ class GridPoint:
         return {SEARCHED_KEYS[k]: v for k, v in self.params().items()}
 
 
-def grid_points(cfg: Config) -> list[GridPoint]:
-    """Every combination of the space, in params.yaml order. Ranks only mean something to LoRA:
-    other methods search chunk length x overlap at the configured method.lora.rank."""
+def grid_space(cfg: Config) -> dict[str, list[int]]:
+    """The values searched per dimension, in params.yaml order. Ranks only mean something to LoRA: other methods
+    search chunk length x overlap at the configured method.lora.rank."""
     s = cfg.search.space
     ranks = s.lora_rank if cfg.method.name == "lora" else [cfg.method.lora.rank]
-    return [GridPoint(*p) for p in itertools.product(s.chunk_length, s.overlap, ranks)]
+    return {"chunk_length": list(s.chunk_length), "overlap": list(s.overlap), "lora_rank": list(ranks)}
+
+
+def grid_points(cfg: Config) -> list[GridPoint]:
+    """Every combination of the space, in params.yaml order."""
+    space = grid_space(cfg)
+    return [GridPoint(*p) for p in itertools.product(space["chunk_length"], space["overlap"], space["lora_rank"])]
 
 
 def skip_reason(point: GridPoint, max_query_length: int) -> str | None:

@@ -25,7 +25,7 @@ from sqlalchemy.engine import make_url
 from spanflow.config import Config
 from spanflow.paths import PREPARED
 from spanflow.search.claims import ClaimBoard, utc_now
-from spanflow.search.grid import SEARCHED_KEYS, GridPoint
+from spanflow.search.grid import SEARCHED_KEYS, GridPoint, grid_space
 from spanflow.search.lead import best_lead
 from spanflow.search.worker import (
     SearchContext,
@@ -106,7 +106,7 @@ def plan(study: optuna.Study, board: ClaimBoard, points: list[GridPoint], grace_
 
 
 def open_study(cfg: Config, name: str, storage: optuna.storages.RDBStorage) -> optuna.Study:
-    space = asdict(cfg.search.space)
+    space = grid_space(cfg)  # the sampler's grid is the points' (other methods than LoRA: one rank)
     return optuna.create_study(
         study_name=name,
         storage=storage,

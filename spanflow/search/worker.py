@@ -13,7 +13,7 @@ import threading
 import time
 import traceback
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -33,7 +33,7 @@ from spanflow.models.modeling import apply_method, load_backbone, load_tokenizer
 from spanflow.models.warm_start import log_trial_weights
 from spanflow.paths import PREPARED
 from spanflow.search.claims import ClaimBoard
-from spanflow.search.grid import GridPoint
+from spanflow.search.grid import GridPoint, grid_space
 from spanflow.tracking.runs import setup_mlflow
 from spanflow.training.loop import EpochStats, train_model
 
@@ -127,7 +127,7 @@ class SearchWorker:
         self.study = optuna.load_study(study_name=ctx.study_name, storage=self.storage, pruner=make_pruner(ctx.cfg))
         self.study_id = self.storage.get_study_id_from_name(ctx.study_name)
         self.board = ClaimBoard(ctx.storage_url)
-        self.space = {k: CategoricalDistribution(v) for k, v in asdict(ctx.cfg.search.space).items()}
+        self.space = {k: CategoricalDistribution(v) for k, v in grid_space(ctx.cfg).items()}
         self.tokenizer = load_tokenizer(ctx.cfg.model)
         self._backbone: torch.nn.Module | None = None
         self._chunks: dict[tuple[int, int], tuple[Features, Features]] = {}
