@@ -16,6 +16,7 @@ from spanflow.answering.onnx_runtime import RUNTIMES
 from spanflow.answering.spans import DEFAULT_SPAN_SCORING, SPAN_SCORINGS
 
 DEFAULT_PARAMS = Path("params.yaml")
+METHOD_NAMES = ("lora", "full", "freeze", "adapter")  # spanflow/models/modeling.py: METHODS
 
 
 class ConfigError(ValueError):
@@ -65,9 +66,21 @@ class LoraConfig:
 
 
 @dataclass
+class FreezeConfig:
+    trainable_layers: int = 3  # the last k transformer layers train (0 to the backbone's layer count)
+
+
+@dataclass
+class AdapterConfig:
+    size: int = 64  # the bottleneck's features (Houlsby et al.: 8 to 256; 64 in the SQuAD 2.0 study)
+
+
+@dataclass
 class MethodConfig:
-    name: str = "lora"  # lora | full
+    name: str = "lora"  # lora | full | freeze | adapter
     lora: LoraConfig = field(default_factory=LoraConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
 
 
 @dataclass
@@ -330,8 +343,12 @@ def _validate(cfg: Config) -> None:
         value = getattr(cfg.model, key)
         if value is not None and not 0 <= value < 1:
             raise ConfigError(f"model.{key}: {value} must be in [0, 1) or null")
-    if cfg.method.name not in {"lora", "full"}:
-        raise ConfigError(f"method.name: unknown method {cfg.method.name!r} (lora, full)")
+    if cfg.method.name not in METHOD_NAMES:
+        raise ConfigError(f"method.name: unknown method {cfg.method.name!r} ({', '.join(METHOD_NAMES)})")
+    if cfg.method.freeze.trainable_layers < 0:
+        raise ConfigError(f"method.freeze.trainable_layers: {cfg.method.freeze.trainable_layers} must be >= 0")
+    if cfg.method.adapter.size < 1:
+        raise ConfigError(f"method.adapter.size: {cfg.method.adapter.size} must be >= 1")
     if cfg.train.precision not in {"auto", "fp32", "bf16", "fp16"}:
         raise ConfigError(f"train.precision: {cfg.train.precision!r} is not auto|fp32|bf16|fp16")
     if cfg.train.select_by not in {"val_f1", "val_loss", "last"}:

@@ -71,6 +71,8 @@ def _start_run(cfg: Config, resume: bool) -> mlflow.ActiveRun:
     run_name = f"{cfg.method.name}-c{cfg.features.chunk_length}-o{cfg.features.overlap}"
     if cfg.method.name == "lora":
         run_name += f"-r{cfg.method.lora.rank}"
+    elif cfg.method.name == "freeze":
+        run_name += f"-k{cfg.method.freeze.trainable_layers}"
     return mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
 
 

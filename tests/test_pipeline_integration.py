@@ -224,9 +224,11 @@ def test_make_run_and_dvc_repro_are_one_path(project: Path, prefect_server: str,
     train_run = client.get_run(json.loads((project / "models/final/run.json").read_text())["run_id"])
     assert train_run.data.tags["git_commit"] == commit
 
-    # the override evaluates and registers with ONNX Runtime (int8): the version carries its ONNX file
+    # the overrides train by method freeze (search, warm start and all) and evaluate and register with ONNX Runtime
+    # (int8): the version carries its ONNX file
+    overrides = ["eval.runtime=onnx_int8", "method.name=freeze", "method.freeze.trainable_layers=1"]
     run = subprocess.run(
-        [str(BIN / "spanflow"), "run", "--set", "eval.runtime=onnx_int8"],
+        [str(BIN / "spanflow"), "run", *(arg for o in overrides for arg in ("--set", o))],
         cwd=project,
         env=env,
         capture_output=True,
@@ -235,7 +237,9 @@ def test_make_run_and_dvc_repro_are_one_path(project: Path, prefect_server: str,
     assert run.returncode == 0, run.stderr[-3000:]
     assert "dvc.lock left as it was" in run.stdout + run.stderr
     assert "evaluate" in _dvc(project, "status", env=env)
-    assert json.loads((project / "results/metrics.json").read_text())["runtime"] == "onnx_int8"
+    metrics = json.loads((project / "results/metrics.json").read_text())
+    assert metrics["runtime"] == "onnx_int8" and 0 < metrics["trainable_params"] < metrics["total_params"]
+    assert json.loads((project / "models/final/train.json").read_text())["method"] == "freeze"
     version = json.loads((project / "results/registered.json").read_text())["version"]
     source = client.get_model_version_download_uri("spanflow-qa-test", str(version))
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp_path / "downloaded")))

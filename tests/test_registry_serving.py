@@ -26,7 +26,8 @@ MODEL_NAME = "spanflow-qa-test"
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory, prefect_server: str) -> Iterator[Path]:
-    """A tiny project whose qa-pipeline ran once: version 1 registered, and champion as the first model."""
+    """A tiny project whose qa-pipeline ran once (method adapter): version 1 registered, and champion as the first
+    model."""
     from flows.pipeline import qa_pipeline
 
     tmp = tmp_path_factory.mktemp("registry")
@@ -38,6 +39,9 @@ def project(tmp_path_factory: pytest.TempPathFactory, prefect_server: str) -> It
     params = _small_params(make_tiny_model_dir(tmp / "tiny-bert"))
     params["search"]["enabled"] = False
     params["serving"]["max_batch"] = 3
+    # Houlsby adapters: the method whose weights do not merge, so the served model must rebuild them
+    params["method"]["name"] = "adapter"
+    params["method"]["adapter"]["size"] = 8
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     cwd = os.getcwd()
     os.chdir(root)
@@ -294,6 +298,8 @@ def test_registered_span_scoring_decides_the_served_answers(project: Path, tmp_p
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL_NAME}@champion", dst_path=str(tmp_path)))
     artifacts = Model.load(local).flavors["python_function"]["artifacts"]
     settings = json.loads((local / artifacts["settings"]["path"]).read_text())
+    config = json.loads((local / artifacts["model_dir"]["path"] / "config.json").read_text())
+    assert config["spanflow_adapter"] == {"size": 8}  # the version carries its adapters; the pyfunc rebuilds them
     assert settings["span_scoring"] == yaml.safe_load((project / "params.yaml").read_text())["eval"]["span_scoring"]
 
     filler = " ".join(f"Entry {i} records a cargo of salt bound for the southern port." for i in range(40))

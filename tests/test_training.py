@@ -236,6 +236,31 @@ def test_full_trains_everything(model_dir: Path) -> None:
     assert all(p.requires_grad for p in prepared.model.parameters())
 
 
+def test_freeze_trains_the_last_layers_every_layernorm_and_the_head(model_dir: Path) -> None:
+    """method freeze, k = 1 of 2 layers: layer 1, all LayerNorms (layer 0's and the embeddings' too) and the QA head
+    train; the embeddings and layer 0's matrices stay; k = 0 leaves the norms and the head."""
+    method = MethodConfig(name="freeze")
+    method.freeze.trainable_layers = 1
+    prepared = apply_method(load_backbone(ModelConfig(name_or_path=str(model_dir))), method)
+    trainable = {n for n, p in prepared.model.named_parameters() if p.requires_grad}
+    assert all(".layer.1." in n or "LayerNorm" in n or n.startswith("qa_outputs.") for n in trainable), trainable
+    assert "bert.encoder.layer.1.attention.self.query.weight" in trainable
+    assert "bert.encoder.layer.0.output.LayerNorm.weight" in trainable
+    assert "bert.embeddings.LayerNorm.bias" in trainable
+    assert "bert.encoder.layer.0.attention.self.query.weight" not in trainable
+    assert "bert.embeddings.word_embeddings.weight" not in trainable
+    layer = sum(p.numel() for p in prepared.model.bert.encoder.layer[1].parameters())
+    norm = 32 + 32  # a LayerNorm's weight and bias
+    head = 32 * 2 + 2
+    assert prepared.trainable_params == layer + 2 * norm + norm + head  # + layer 0's two norms, the embeddings' one
+    method.freeze.trainable_layers = 0
+    none = apply_method(load_backbone(ModelConfig(name_or_path=str(model_dir))), method)
+    assert none.trainable_params == 2 * 2 * norm + norm + head
+    method.freeze.trainable_layers = 3
+    with pytest.raises(ValueError, match=r"method.freeze.trainable_layers: 3 is not in 0..2"):
+        apply_method(load_backbone(ModelConfig(name_or_path=str(model_dir))), method)
+
+
 def test_unknown_method_is_a_value_error(model_dir: Path) -> None:
     with pytest.raises(ValueError, match="prefix"):
         apply_method(load_backbone(ModelConfig(name_or_path=str(model_dir))), MethodConfig(name="prefix"))
@@ -569,8 +594,10 @@ def test_max_steps_caps_the_run(train) -> None:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def test_killed_run_resumes_from_its_checkpoint(train, tmp_path: Path) -> None:
-    overrides = [*FAST, "train.epochs=3"]
+@pytest.mark.parametrize("method", ["lora", "freeze", "adapter"])
+def test_killed_run_resumes_from_its_checkpoint(train, tmp_path: Path, method: str) -> None:
+    overrides = [*FAST, "train.epochs=3", f"method.name={method}", "method.freeze.trainable_layers=1"]
+    overrides.append("method.adapter.size=8")
     full = train(overrides, ckpt_dir=tmp_path / "full")
     assert [p.name for p in (tmp_path / "full").iterdir()] == ["epoch-3.pt"]  # only the latest is kept
 

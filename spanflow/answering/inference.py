@@ -10,12 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForQuestionAnswering, AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 
 from spanflow.answering.onnx_runtime import OnnxQAModel, ensure_onnx
 from spanflow.answering.spans import DEFAULT_SPAN_SCORING, Answer, answer_texts, best_spans
 from spanflow.config import Config
 from spanflow.data.features import Features, Record, featurize
+from spanflow.models.modeling import load_trained
 from spanflow.models.qa_loss import span_loss
 from spanflow.paths import ONNX_CACHE
 
@@ -50,7 +51,7 @@ def load_qa_model(model_dir: str | Path, precision: str, device: torch.device) -
     of `precision` (bf16/fp16), so that no Linear casts its fp32 weight on every call as autocast does
     (bf16 weights at batch 16 ran 1.24x the questions/s of bf16 autocast at batch 64 here: benchmarks/README.md).
     Training keeps fp32 weights under autocast; only answering uses this."""
-    model = AutoModelForQuestionAnswering.from_pretrained(model_dir).to(device).eval()
+    model = load_trained(model_dir).to(device)
     dtype = PRECISIONS[precision]
     return model.to(dtype) if dtype is not None else model
 

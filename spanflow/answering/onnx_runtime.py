@@ -33,7 +33,9 @@ _WRAPPER_ATTR = "qa"
 def export_onnx(model_dir: Path, out_file: Path) -> Path:
     """Export the saved QA model in `model_dir` (fp32) to `out_file`, batch and sequence length dynamic."""
     import torch
-    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from spanflow.models.modeling import load_trained
 
     class SpanLogits(torch.nn.Module):  # named tensors in, (start_logits, end_logits) out
         def __init__(self, model: torch.nn.Module) -> None:
@@ -51,7 +53,7 @@ def export_onnx(model_dir: Path, out_file: Path) -> Path:
             return out.start_logits, out.end_logits
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForQuestionAnswering.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = load_trained(model_dir)
     names = [n for n in MODEL_INPUTS if n in tokenizer.model_input_names]
     example = tokenizer(["What is it?"] * 2, ["It is an example, two rows long."] * 2, return_tensors="pt")
     kwargs = {n: example[n] for n in names}

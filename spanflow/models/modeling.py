@@ -23,6 +23,8 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from spanflow.config import MethodConfig, ModelConfig
+from spanflow.models.adapters import CONFIG_KEY as ADAPTER_CONFIG_KEY
+from spanflow.models.adapters import adapter_places, add_adapters, restore_adapters
 
 QA_HEAD = "qa_outputs"
 # where each model family keeps its dropout rates: BERT/ALBERT/RoBERTa first, then DistilBERT and others
@@ -105,6 +107,53 @@ def _full(backbone: PreTrainedModel, cfg: MethodConfig) -> torch.nn.Module:
     return backbone
 
 
+def transformer_layers(backbone: PreTrainedModel, method: str = "freeze") -> torch.nn.ModuleList:
+    """The backbone's stack of transformer layers, bottom first: the ModuleList with one block per hidden layer."""
+    n = backbone.config.num_hidden_layers
+    stacks = [(name, m) for name, m in backbone.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
+    if len(stacks) != 1:
+        found = [name for name, _ in stacks] or "none"
+        raise ValueError(
+            f"method {method}: cannot tell the {n} transformer layers of {type(backbone).__name__} "
+            f"(ModuleLists of {n} blocks: {found})"
+        )
+    return stacks[0][1]
+
+
+def _is_norm(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
+
+
+def _freeze(backbone: PreTrainedModel, cfg: MethodConfig) -> torch.nn.Module:
+    """Only the last `method.freeze.trainable_layers` transformer layers train, with every LayerNorm and the QA
+    head; the embeddings and the layers below stay as pre-trained."""
+    layers = transformer_layers(backbone)
+    k = cfg.freeze.trainable_layers
+    if not 0 <= k <= len(layers):
+        raise ValueError(f"method.freeze.trainable_layers: {k} is not in 0..{len(layers)} (the backbone's layers)")
+    backbone.requires_grad_(False)
+    for layer in list(layers)[len(layers) - k :]:
+        layer.requires_grad_(True)
+    return _norms_and_head_train(backbone)
+
+
+def _norms_and_head_train(backbone: PreTrainedModel) -> PreTrainedModel:
+    for module in backbone.modules():
+        if _is_norm(module):
+            module.requires_grad_(True)
+    getattr(backbone, QA_HEAD).requires_grad_(True)
+    return backbone
+
+
+def _adapter(backbone: PreTrainedModel, cfg: MethodConfig) -> torch.nn.Module:
+    """Houlsby adapters of `method.adapter.size` after the attention and FFN output projections of every layer
+    (spanflow/models/adapters.py); they, every LayerNorm and the QA head train, the rest stays."""
+    adapter_places(backbone.config.model_type)  # an architecture without a map fails here, by name
+    backbone.requires_grad_(False)
+    add_adapters(backbone, cfg.adapter.size, transformer_layers(backbone, "adapter"))
+    return _norms_and_head_train(backbone)
+
+
 def _lora(backbone: PreTrainedModel, cfg: MethodConfig) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
@@ -129,6 +178,8 @@ def _lora(backbone: PreTrainedModel, cfg: MethodConfig) -> torch.nn.Module:
 METHODS: dict[str, Callable[[PreTrainedModel, MethodConfig], torch.nn.Module]] = {
     "full": _full,
     "lora": _lora,
+    "freeze": _freeze,
+    "adapter": _adapter,
 }
 
 
@@ -147,6 +198,21 @@ def export_merged(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, ou
     plain.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return plain
+
+
+def load_trained(model_dir: str | Path) -> PreTrainedModel:
+    """A QA model saved by `export_merged`, in fp32 on the CPU, in eval mode, with its adapters if it has any."""
+    config = AutoConfig.from_pretrained(model_dir)
+    if not getattr(config, ADAPTER_CONFIG_KEY, None):
+        return AutoModelForQuestionAnswering.from_pretrained(model_dir, dtype=torch.float32).eval()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the adapters' weights are "unexpected" to transformers: restored below
+    try:
+        model = AutoModelForQuestionAnswering.from_pretrained(model_dir, dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    restore_adapters(model, Path(model_dir), transformer_layers(model, "adapter"))
+    return model.eval()
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
