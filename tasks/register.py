@@ -63,7 +63,8 @@ def serving_runtime(cfg: Config) -> str:
     return cfg.serving.runtime or cfg.eval.runtime
 
 
-def serving_settings(cfg: Config) -> dict:
+def serving_settings(cfg: Config, squad_version: str = "1.1") -> dict:
+    """What the pyfunc answers with; a SQuAD 2.0 model abstains ("" answer) by eval.no_answer_threshold."""
     return {
         "chunk_length": cfg.features.chunk_length,
         "overlap": cfg.features.overlap,
@@ -76,6 +77,8 @@ def serving_settings(cfg: Config) -> dict:
         "max_batch": cfg.serving.max_batch,
         "precision": cfg.serving.precision,
         "runtime": serving_runtime(cfg),
+        "squad_version": squad_version,
+        "no_answer_threshold": cfg.eval.no_answer_threshold,
     }
 
 
@@ -85,13 +88,13 @@ def version_from_run(client: MlflowClient, name: str, run_id: str) -> int | None
     return min(int(v.version) for v in found) if found else None
 
 
-def log_and_register(cfg: Config, run_id: str) -> int:
+def log_and_register(cfg: Config, run_id: str, squad_version: str) -> int:
     example = pd.DataFrame(
         {"question": ["Where is the Eiffel Tower?"], "context": ["The Eiffel Tower is a landmark in Paris, France."]}
     )
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         settings = Path(tmp) / "settings.json"
-        settings.write_text(json.dumps(serving_settings(cfg)))
+        settings.write_text(json.dumps(serving_settings(cfg, squad_version)))
         artifacts = {"model_dir": str(MODEL / "hf"), "settings": str(settings)}
         runtime = serving_runtime(cfg)
         if runtime != "torch":  # the ONNX file the served model answers with (the evaluate stage's, if it made it)
@@ -118,7 +121,7 @@ def register_stage(cfg: Config) -> dict:
     run_id = load_run_ref()["run_id"]
     name = cfg.registry.model_name
     client = MlflowClient()
-    version = version_from_run(client, name, run_id) or log_and_register(cfg, run_id)
+    version = version_from_run(client, name, run_id) or log_and_register(cfg, run_id, dev["squad_version"])
     metrics = json.loads(METRICS_FILE.read_text())
     tags = {
         "dev_exact_match": metrics["exact_match"],

@@ -415,3 +415,30 @@ def test_served_score_is_a_probability_however_often_the_context_repeats(tmp_pat
         assert list(out["answer"]) == [a.text for a in answers]
         assert list(out["score"]) == [a.probability for a in answers]
     assert answers[-1].score > 0, "the ranking sum of the confident model's answer over the 40 copies is above 1"
+
+
+def test_a_squad2_version_abstains_by_its_threshold(tmp_path: Path):
+    """Settings of a v2.0 model: a threshold below any score gap abstains ("" at -1, -1) with the no-answer score
+    served; one above it answers as a v1.1 model does."""
+    import pandas as pd
+    from mlflow.pyfunc import PythonModelContext
+
+    from spanflow.serving.qa_pyfunc import SpanQAModel
+    from tasks.register import serving_settings
+    from tests.helpers import tiny_config
+
+    model_dir = make_tiny_model_dir(tmp_path / "tiny")
+    rows = pd.DataFrame({"question": ["When did the bridge open?"], "context": ["The Vester bridge opened in 1911."]})
+    served = {}
+    for version, threshold in (("1.1", 0.0), ("2.0", -1e9), ("2.0", 1e9)):
+        settings = tmp_path / f"{version}-{threshold}.json"
+        cfg = tiny_config(model_dir, [f"eval.no_answer_threshold={threshold}"])
+        settings.write_text(json.dumps(serving_settings(cfg, version)))
+        model = SpanQAModel()
+        model.load_context(PythonModelContext({"settings": str(settings), "model_dir": str(model_dir)}, None))
+        served[version, threshold] = model.predict(None, rows)
+    abstained = served["2.0", -1e9].iloc[0]
+    assert (abstained["answer"], abstained["start"], abstained["end"]) == ("", -1, -1)
+    assert 0 <= abstained["no_answer_score"] <= 1
+    pd.testing.assert_frame_equal(served["2.0", 1e9], served["1.1", 0.0])
+    assert served["1.1", 0.0].iloc[0]["answer"] != ""

@@ -8,7 +8,8 @@ Each row of the output: `answer`, its character offsets `start` and `end` (`cont
 each a softmax over the chunk's context tokens and [CLS], added up over that chunk's spans with the answer's
 text; a long or repeated context cannot push it past 1), and `no_answer_score`, the probability in [0, 1] that
 the context holds no answer (p([CLS], [CLS]) in the chunk least sure of that): for SQuAD 2.0 models, the number
-to abstain on. spanflow/answering/spans.py has the details.
+to abstain on. spanflow/answering/spans.py has the details. A version registered on SQuAD 2.0 dev data abstains
+as the evaluation did (eval.no_answer_threshold): `answer` "" at `start` = `end` = -1.
 
 It answers with the runtime it was registered with (serving.runtime, else eval.runtime): torch, or ONNX Runtime
 from the `onnx_model` artifact (spanflow/answering/onnx_runtime.py).
@@ -126,7 +127,7 @@ class SpanQAModel(PythonModel):
     ) -> pd.DataFrame:
 
         from spanflow.answering.inference import answer_questions
-        from spanflow.answering.spans import REGISTERED_BEFORE_SPAN_SCORING
+        from spanflow.answering.spans import REGISTERED_BEFORE_SPAN_SCORING, answer_texts
 
         records = request_records(model_input, self.settings["max_batch"])
         s = self.settings
@@ -144,11 +145,14 @@ class SpanQAModel(PythonModel):
             self.workers(),
             s.get("span_scoring", REGISTERED_BEFORE_SPAN_SCORING),
         )
+        # a SQuAD 2.0 model abstains: "" at offsets -1 (models registered before squad_version existed: v1.1)
+        texts = answer_texts(answers, s.get("squad_version", "1.1"), s.get("no_answer_threshold", 0.0))
+        kept = [text == a.text for text, a in zip(texts, answers, strict=True)]
         return pd.DataFrame(
             {
-                "answer": [a.text for a in answers],
-                "start": [a.start for a in answers],
-                "end": [a.end for a in answers],
+                "answer": texts,
+                "start": [a.start if keep else -1 for a, keep in zip(answers, kept, strict=True)],
+                "end": [a.end if keep else -1 for a, keep in zip(answers, kept, strict=True)],
                 "score": [a.probability for a in answers],
                 "no_answer_score": [a.no_answer_probability for a in answers],
             }
