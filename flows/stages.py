@@ -20,7 +20,10 @@ def prepare_data(cfg: Config) -> dict:
     d = cfg.data
     train = validate_task(ingest_task(d.train, d.train_split, d.hub_config, d.train_limit))
     dev = validate_task(ingest_task(d.dev, d.dev_split, d.hub_config, d.dev_limit))
-    return split_task(train, dev, d, version_task(train, dev))
+    abstain = (
+        validate_task(ingest_task(d.abstain_source, d.dev_split, d.hub_config, None)) if d.abstain_source else None
+    )
+    return split_task(train, dev, d, version_task(train, dev, abstain), abstain)
 
 
 @flow(name="qa-prepare")

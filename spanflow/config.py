@@ -36,6 +36,10 @@ class DataConfig:
     dev_limit: int | None = None  # first N dev questions (None = all)
     seed: int = 42
     leaderboard_dir: str = "data/leaderboard"
+    # SQuAD 2.0: a file whose unanswerable questions teach the model to abstain (no training file has any here)
+    abstain_source: str | None = None
+    abstain_skip_articles: int = 5  # its first N articles are never trained on (dev-v2.0: the head = the test set)
+    abstain_articles: int | None = None  # seeded sample of the rest (None = all); split by article like `train`
 
 
 TRAIN_LOSSES = ("real_tokens", "padded")  # spanflow.models.qa_loss.span_loss's `over`
@@ -120,6 +124,7 @@ class EvalConfig:
     batch_size: int = 16
     workers: int = 2  # CPU: batches answered side by side by this many threads, torch's threads shared out
     no_answer_threshold: float = 0.0  # v2.0: predict "" when null score - best span score > this
+    tune_no_answer_threshold: bool = False  # v2.0: the threshold that maximizes F1 on the validation split instead
     span_scoring: str = DEFAULT_SPAN_SCORING  # chunk_softmax (the <= 5.2 QA pipeline's) | logit_sum (run_qa.py's)
     runtime: str = "torch"  # torch | onnx | onnx_int8 (ONNX Runtime on the CPU, fp32 or int8 Linears)
     int8_skip_modules: list[str] = field(default_factory=lambda: ["intermediate"])  # Linears kept fp32 in onnx_int8
@@ -359,6 +364,15 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("train.early_stopping_patience: must be >= 1")
     if cfg.data.train_articles is not None and cfg.data.train_articles < 1:
         raise ConfigError(f"data.train_articles: {cfg.data.train_articles} must be >= 1 or null (all)")
+    if cfg.eval.tune_no_answer_threshold and cfg.train.include_validation:
+        raise ConfigError(
+            "eval.tune_no_answer_threshold: the threshold is tuned on the validation split, which"
+            " train.include_validation=true trains the final model on; set train.include_validation=false"
+        )
+    if cfg.data.abstain_skip_articles < 0:
+        raise ConfigError(f"data.abstain_skip_articles: {cfg.data.abstain_skip_articles} must be >= 0")
+    if cfg.data.abstain_articles is not None and cfg.data.abstain_articles < 1:
+        raise ConfigError(f"data.abstain_articles: {cfg.data.abstain_articles} must be >= 1 or null (all)")
     if not 0 <= cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction: {cfg.data.val_fraction} must be in [0, 1)")
     for key in ("epochs", "batch_size", "grad_accum_steps", "micro_batches", "pad_to_multiple_of"):

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 
 import mlflow
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from spanflow.answering.inference import predict_records
+from spanflow.answering.inference import records_answerer
+from spanflow.answering.no_answer import score_v2, tune_no_answer_threshold
+from spanflow.answering.spans import Answer, answer_texts
 from spanflow.answering.squad_metrics import score
 from spanflow.config import Config
-from spanflow.data.splits import check_prepared
+from spanflow.data.features import Record
+from spanflow.data.splits import check_prepared, split_records
 from spanflow.data.squad import read_jsonl
 from spanflow.io_utils import atomic_write_json
 from spanflow.paths import METRICS_FILE, MODEL, PREDICTIONS_FILE, PREPARED, TRAIN_SUMMARY_FILE
@@ -20,13 +25,31 @@ from spanflow.tracking.runs import load_run_ref, log_split_input, setup_mlflow
 from spanflow.training.memory import peak_rss_mb, reset_peak_rss
 
 
+def no_answer_setting(cfg: Config, version: str, answer: Callable[[list[Record]], list[Answer]]) -> tuple[float, dict]:
+    """The no-answer threshold the dev answers abstain by, and how it was set: eval.no_answer_threshold, or for
+    eval.tune_no_answer_threshold the one with the best F1 on the validation split. Nothing for SQuAD v1.1."""
+    if version != "2.0":
+        return cfg.eval.no_answer_threshold, {}
+    if not cfg.eval.tune_no_answer_threshold:
+        return cfg.eval.no_answer_threshold, {"no_answer_threshold": cfg.eval.no_answer_threshold}
+    val = split_records("val", include_validation=False)
+    threshold = tune_no_answer_threshold(val, answer(val), f"the validation split ({PREPARED / 'val.jsonl'})")
+    print(f"no-answer threshold {threshold:.3f}: the best F1 on the {len(val)} validation questions")
+    return threshold, {"no_answer_threshold": round(threshold, 4), "no_answer_threshold_tuned_on": len(val)}
+
+
 def evaluate_stage(cfg: Config) -> dict:
     cfg = final_config(cfg)  # dev chunks split like the final model's training chunks
     reset_peak_rss()  # this stage's peak, not the flow process's
     version = check_prepared(cfg)["dev"]["squad_version"]
     records = read_jsonl(PREPARED / "dev.jsonl")
-    predictions, seconds, precision = predict_records(cfg, MODEL / "hf", records, version)
-    scores = score(records, predictions, version)
+    answer, precision = records_answerer(cfg, MODEL / "hf")
+    t0 = time.perf_counter()
+    answers = answer(records)
+    seconds = time.perf_counter() - t0
+    threshold, abstention = no_answer_setting(cfg, version, answer)
+    predictions = {r["id"]: t for r, t in zip(records, answer_texts(answers, version, threshold), strict=True)}
+    scores = score_v2(records, answers, threshold) if version == "2.0" else score(records, predictions, version)
 
     train = json.loads(TRAIN_SUMMARY_FILE.read_text())
     metrics = {
@@ -42,6 +65,7 @@ def evaluate_stage(cfg: Config) -> dict:
         "eval_peak_rss_mb": round(peak_rss_mb(), 1),
         "precision": precision,
         "runtime": cfg.eval.runtime,
+        **abstention,
     }
     atomic_write_json(PREDICTIONS_FILE, predictions)
     atomic_write_json(METRICS_FILE, metrics)

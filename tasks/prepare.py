@@ -57,10 +57,12 @@ def _articles(records: list[Record]) -> int:
     return len({r["title"] for r in records})
 
 
-def version_info(train: Dataset, dev: Dataset) -> dict:
+def version_info(train: Dataset, dev: Dataset, abstain: Dataset | None = None) -> dict:
     """Content hashes of the normalized data, and the file md5 DVC records for a local file."""
     info = {}
-    for name, ds in (("train", train), ("dev", dev)):
+    for name, ds in (("train", train), ("dev", dev), ("abstain", abstain)):
+        if ds is None:
+            continue
         path = Path(ds.source)
         info[name] = {
             "source": ds.source,
@@ -73,24 +75,58 @@ def version_info(train: Dataset, dev: Dataset) -> dict:
     return info
 
 
-def split_and_write(train: Dataset, dev: Dataset, cfg: DataConfig, info: dict, out_dir: Path = PREPARED) -> dict:
+def abstain_pool(abstain: Dataset, dev: Dataset, cfg: DataConfig) -> list[Record]:
+    """The articles of `data.abstain_source` that may be trained on: all after its first
+    `abstain_skip_articles` (file order), a seeded sample of `abstain_articles` of them; refused when one is
+    also a dev article, since no model may train on an article it is then scored on."""
+    titles = list(dict.fromkeys(r["title"] for r in abstain.records))
+    skip = cfg.abstain_skip_articles
+    if skip >= len(titles):
+        raise DataValidationError(
+            abstain.source, f"data.abstain_skip_articles={skip} skips all {len(titles)} of its articles"
+        )
+    kept = set(titles[skip:])
+    pool = sample_articles([r for r in abstain.records if r["title"] in kept], cfg.abstain_articles, cfg.seed)
+    shared = sorted({r["title"] for r in pool} & {r["title"] for r in dev.records})
+    if shared:
+        raise DataValidationError(
+            abstain.source,
+            f"{len(shared)} of its articles to train on are dev articles ({', '.join(shared[:3])}): raise"
+            " data.abstain_skip_articles past them or choose another dev set",
+        )
+    return pool
+
+
+def split_and_write(
+    train: Dataset, dev: Dataset, cfg: DataConfig, info: dict, abstain: Dataset | None = None, out_dir: Path = PREPARED
+) -> dict:
     """Sample training articles, split them by article (both seeded) and write train/val/dev records and
-    version.json."""
+    version.json. The abstain articles, when given, are split by article the same way and join both sides, so
+    validation has unanswerable questions to tune the no-answer threshold on."""
     pool = sample_articles(train.records, cfg.train_articles, cfg.seed)
     train_part, val_part = split_by_article(pool, cfg.val_fraction, cfg.seed)
     if not train_part:
         raise DataValidationError(train.source, f"data.val_fraction={cfg.val_fraction} leaves no training article")
-    info = {
-        **info,
-        "params": prepared_params(cfg),
-        "split": {
-            "train": len(train_part),
-            "val": len(val_part),
-            "articles": {"train": _articles(train_part), "val": _articles(val_part)},
-            "sampled_articles": cfg.train_articles,
-            "seed": cfg.seed,
-        },
+    split = {
+        "train": len(train_part),
+        "val": len(val_part),
+        "articles": {"train": _articles(train_part), "val": _articles(val_part)},
+        "sampled_articles": cfg.train_articles,
+        "seed": cfg.seed,
     }
+    if abstain is not None:
+        abstain_train, abstain_val = split_by_article(abstain_pool(abstain, dev, cfg), cfg.val_fraction, cfg.seed)
+        train_part, val_part = train_part + abstain_train, val_part + abstain_val
+        split["abstain"] = {
+            name: {
+                "questions": len(part),
+                "unanswerable": sum(r["is_impossible"] for r in part),
+                "articles": _articles(part),
+            }
+            for name, part in (("train", abstain_train), ("val", abstain_val))
+        }
+        split["train"], split["val"] = len(train_part), len(val_part)
+    info = {**info, "params": prepared_params(cfg), "split": split}
     write_jsonl_atomic(out_dir / "train.jsonl", train_part)
     write_jsonl_atomic(out_dir / "val.jsonl", val_part)
     write_jsonl_atomic(out_dir / "dev.jsonl", dev.records)

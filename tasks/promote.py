@@ -58,6 +58,8 @@ def rescore(cfg: Config, mv: ModelVersion, records: list[dict], squad_version: s
                 "eval.max_answer_length": settings["max_answer_length"],
                 "eval.n_best": settings["n_best"],
                 "eval.span_scoring": settings.get("span_scoring", REGISTERED_BEFORE_SPAN_SCORING),
+                "eval.no_answer_threshold": settings.get("no_answer_threshold", 0.0),
+                "eval.tune_no_answer_threshold": False,  # the champion abstains by the threshold it was registered with
             }
         )
         predictions, _, _ = predict_records(own, local / artifacts["model_dir"]["path"], records, squad_version)

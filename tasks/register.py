@@ -63,8 +63,9 @@ def serving_runtime(cfg: Config) -> str:
     return cfg.serving.runtime or cfg.eval.runtime
 
 
-def serving_settings(cfg: Config, squad_version: str = "1.1") -> dict:
-    """What the pyfunc answers with; a SQuAD 2.0 model abstains ("" answer) by eval.no_answer_threshold."""
+def serving_settings(cfg: Config, squad_version: str = "1.1", no_answer_threshold: float | None = None) -> dict:
+    """What the pyfunc answers with; a SQuAD 2.0 model abstains ("" answer) by the threshold it was evaluated
+    with (`no_answer_threshold`, tuned on validation; else eval.no_answer_threshold)."""
     return {
         "chunk_length": cfg.features.chunk_length,
         "overlap": cfg.features.overlap,
@@ -78,7 +79,7 @@ def serving_settings(cfg: Config, squad_version: str = "1.1") -> dict:
         "precision": cfg.serving.precision,
         "runtime": serving_runtime(cfg),
         "squad_version": squad_version,
-        "no_answer_threshold": cfg.eval.no_answer_threshold,
+        "no_answer_threshold": cfg.eval.no_answer_threshold if no_answer_threshold is None else no_answer_threshold,
     }
 
 
@@ -88,13 +89,13 @@ def version_from_run(client: MlflowClient, name: str, run_id: str) -> int | None
     return min(int(v.version) for v in found) if found else None
 
 
-def log_and_register(cfg: Config, run_id: str, squad_version: str) -> int:
+def log_and_register(cfg: Config, run_id: str, squad_version: str, no_answer_threshold: float | None = None) -> int:
     example = pd.DataFrame(
         {"question": ["Where is the Eiffel Tower?"], "context": ["The Eiffel Tower is a landmark in Paris, France."]}
     )
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         settings = Path(tmp) / "settings.json"
-        settings.write_text(json.dumps(serving_settings(cfg, squad_version)))
+        settings.write_text(json.dumps(serving_settings(cfg, squad_version, no_answer_threshold)))
         artifacts = {"model_dir": str(MODEL / "hf"), "settings": str(settings)}
         runtime = serving_runtime(cfg)
         if runtime != "torch":  # the ONNX file the served model answers with (the evaluate stage's, if it made it)
@@ -121,8 +122,10 @@ def register_stage(cfg: Config) -> dict:
     run_id = load_run_ref()["run_id"]
     name = cfg.registry.model_name
     client = MlflowClient()
-    version = version_from_run(client, name, run_id) or log_and_register(cfg, run_id, dev["squad_version"])
     metrics = json.loads(METRICS_FILE.read_text())
+    version = version_from_run(client, name, run_id) or log_and_register(
+        cfg, run_id, dev["squad_version"], metrics.get("no_answer_threshold")
+    )
     tags = {
         "dev_exact_match": metrics["exact_match"],
         "dev_f1": metrics["f1"],

@@ -64,6 +64,32 @@ def search_lines(search: dict) -> list[str]:
     ]
 
 
+def abstention_lines(metrics: dict, split: dict) -> list[str]:
+    """SQuAD 2.0: the answerable / unanswerable figures, the threshold and where the abstaining was learned."""
+    if metrics.get("squad_version") != "2.0":
+        return []
+    tuned = metrics.get("no_answer_threshold_tuned_on")
+    how = f"tuned on {tuned} validation questions" if tuned else "eval.no_answer_threshold, as set"
+    abstain = split.get("abstain")
+    learned = (
+        f"learned to abstain on {abstain['train']['unanswerable']:,} unanswerable questions of"
+        f" {abstain['train']['articles']} dev-v2.0 articles outside the test articles (data.abstain_source): a"
+        " protocol of this repo, not the leaderboard's, whose systems trained on SQuAD 2.0 train"
+        if abstain
+        else "no unanswerable training questions (data.abstain_source unset)"
+    )
+    lines = [
+        f"- HasAns EM / F1 {metrics.get('HasAns_exact', 0):.2f} / {metrics.get('HasAns_f1', 0):.2f}"
+        f" ({metrics.get('HasAns_total', 0)} questions); NoAns {metrics.get('NoAns_f1', 0):.2f}"
+        f" ({metrics.get('NoAns_total', 0)})",
+        f"- no-answer threshold {metrics.get('no_answer_threshold', 0):.3f} ({how}); at the best threshold for these"
+        f" questions (an oracle, as the official script reports) F1 would be {metrics.get('best_f1', 0):.2f}",
+        f"- {learned}",
+        "",
+    ]
+    return lines
+
+
 def results_table(
     cfg: Config,
     metrics: dict,
@@ -95,6 +121,7 @@ def results_table(
             *_table(rows),
             "",
         ]
+    lines += abstention_lines(metrics, json.loads((PREPARED / "version.json").read_text()).get("split", {}))
     lines += [
         *search_lines(search or {}),
         "### Efficiency",

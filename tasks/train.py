@@ -45,7 +45,9 @@ from spanflow.training.memory import peak_rss_mb, reset_peak_rss
 
 def _data_tags(version: dict) -> dict[str, str]:
     tags = {}
-    for split in ("train", "dev"):
+    for split in ("train", "dev", "abstain"):
+        if split not in version:
+            continue
         v = version[split]
         tags[f"data.{split}.content_sha256"] = v["content_sha256"]
         tags[f"data.{split}.dvc_md5"] = str(v["dvc_md5"])

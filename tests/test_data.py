@@ -177,7 +177,7 @@ def test_bad_gzip_stops_prepare_before_anything_is_written(tmp_path: Path) -> No
     out = tmp_path / "prepared"
     with pytest.raises(DataValidationError, match="train.json.gz"):
         train, dev = check(load(str(bad), "train", None, None)), check(load(str(good), "train", None, None))
-        split_and_write(train, dev, DataConfig(), version_info(train, dev), out)
+        split_and_write(train, dev, DataConfig(), version_info(train, dev), out_dir=out)
     assert not out.exists()
 
 

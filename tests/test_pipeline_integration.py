@@ -164,6 +164,39 @@ def test_qa_pipeline_flow_lands_in_mlflow_prefect_and_registry(project: Path, pr
     assert "| system | EM | F1 |" in found[0]["data"]
 
 
+def test_squad2_profile_tunes_the_threshold_on_validation_and_serves_it(project: Path, prefect_server: str) -> None:
+    """`--profile squad2`: abstain articles outside the test articles train and validate, the threshold is tuned on
+    validation, the v2.0 figures are reported beside the v2.0 leaderboard and the registered version abstains by
+    the tuned threshold."""
+    import mlflow
+
+    from flows.pipeline import qa_pipeline
+    from spanflow.config import profile_overrides
+
+    overrides = profile_overrides(str(REPO / "profiles/squad2.yaml"))
+    out = qa_pipeline(
+        params="params.yaml",
+        overrides=[*overrides, "search.enabled=false", "data.train_articles=2", "data.abstain_articles=2"],
+    )
+    prepared = {
+        s: [json.loads(x) for x in (project / f"data/prepared/{s}.jsonl").read_text().splitlines()]
+        for s in ("train", "val", "dev")
+    }
+    assert not {r["title"] for r in prepared["dev"]} & {r["title"] for r in prepared["train"] + prepared["val"]}
+    assert any(r["is_impossible"] for r in prepared["train"]) and any(r["is_impossible"] for r in prepared["val"])
+    metrics = json.loads((project / "results/metrics.json").read_text())
+    assert metrics["squad_version"] == "2.0" and metrics["dev_questions"] == 40
+    assert metrics["no_answer_threshold_tuned_on"] == len(prepared["val"])
+    assert {"HasAns_f1", "NoAns_f1", "best_f1", "best_f1_thresh"} <= set(metrics)
+    assert "learned to abstain" in out["report"] and "BERT single model" in out["report"]
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    local = Path(mlflow.artifacts.download_artifacts("models:/spanflow-qa-test@challenger"))
+    settings = json.loads(next(local.rglob("settings.json")).read_text())
+    assert settings["squad_version"] == "2.0"
+    assert settings["no_answer_threshold"] == pytest.approx(metrics["no_answer_threshold"], abs=1e-4)
+
+
 def _dvc(root: Path, *args: str, env: dict) -> str:
     proc = subprocess.run([str(BIN / "dvc"), *args], cwd=root, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"

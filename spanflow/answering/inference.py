@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -193,11 +193,9 @@ def answer_questions(
     return best_spans(records, feats, starts, ends, max_answer_length, n_best, span_scoring)
 
 
-def predict_records(
-    cfg: Config, model_dir: Path, records: list[dict], version: str
-) -> tuple[dict[str, str], float, str]:
-    """id -> answer text for `records`, with the chunking and decoding of `cfg`; also the seconds it took
-    and the precision it ran in. The promotion gate re-scores an old champion through here too."""
+def records_answerer(cfg: Config, model_dir: Path) -> tuple[Callable[[list[Record]], list[Answer]], str]:
+    """A function that answers records with the model in `model_dir` and the chunking and decoding of `cfg`,
+    loaded once; and the precision it computes in."""
     device = default_device()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model, precision = load_answering_model(
@@ -208,21 +206,34 @@ def predict_records(
         cfg.eval.workers,
         cfg.eval.int8_skip_modules,
     )
+
+    def answer(records: list[Record]) -> list[Answer]:
+        return answer_questions(
+            model,
+            tokenizer,
+            records,
+            cfg.features.chunk_length,
+            cfg.features.overlap,
+            cfg.features.max_query_length,
+            cfg.eval.max_answer_length,
+            cfg.eval.n_best,
+            cfg.eval.batch_size,
+            precision,
+            cfg.eval.workers,
+            cfg.eval.span_scoring,
+        )
+
+    return answer, precision
+
+
+def predict_records(
+    cfg: Config, model_dir: Path, records: list[dict], version: str
+) -> tuple[dict[str, str], float, str]:
+    """id -> answer text for `records`, with the chunking and decoding of `cfg`; also the seconds it took
+    and the precision it ran in. The promotion gate re-scores an old champion through here too."""
+    answer, precision = records_answerer(cfg, model_dir)
     t0 = time.perf_counter()
-    answers = answer_questions(
-        model,
-        tokenizer,
-        records,
-        cfg.features.chunk_length,
-        cfg.features.overlap,
-        cfg.features.max_query_length,
-        cfg.eval.max_answer_length,
-        cfg.eval.n_best,
-        cfg.eval.batch_size,
-        precision,
-        cfg.eval.workers,
-        cfg.eval.span_scoring,
-    )
+    answers = answer(records)
     seconds = time.perf_counter() - t0
     texts = answer_texts(answers, version, cfg.eval.no_answer_threshold)
     return {r["id"]: t for r, t in zip(records, texts, strict=True)}, seconds, precision
