@@ -125,6 +125,9 @@ class EvalConfig:
     workers: int = 2  # CPU: batches answered side by side by this many threads, torch's threads shared out
     no_answer_threshold: float = 0.0  # v2.0: predict "" when null score - best span score > this
     tune_no_answer_threshold: bool = False  # v2.0: the threshold that maximizes F1 on the validation split instead
+    bertscore: bool = True  # BERTScore F1 of the dev answers beside EM/F1
+    bertscore_model: str = "default"  # its encoder: "default" (the packaged all-MiniLM-L6-v2), a local path or Hub id
+    bertscore_layer: int | None = None  # the encoder's hidden layer it compares (None: the last; 0: embeddings)
     span_scoring: str = DEFAULT_SPAN_SCORING  # chunk_softmax (the <= 5.2 QA pipeline's) | logit_sum (run_qa.py's)
     runtime: str = "torch"  # torch | onnx | onnx_int8 (ONNX Runtime on the CPU, fp32 or int8 Linears)
     int8_skip_modules: list[str] = field(default_factory=lambda: ["intermediate"])  # Linears kept fp32 in onnx_int8

@@ -10,6 +10,7 @@ import mlflow
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from spanflow.answering.bertscore import BertScorer
 from spanflow.answering.inference import records_answerer
 from spanflow.answering.no_answer import score_v2, tune_no_answer_threshold
 from spanflow.answering.spans import Answer, answer_texts
@@ -36,6 +37,17 @@ def no_answer_setting(cfg: Config, version: str, answer: Callable[[list[Record]]
     threshold = tune_no_answer_threshold(val, answer(val), f"the validation split ({PREPARED / 'val.jsonl'})")
     print(f"no-answer threshold {threshold:.3f}: the best F1 on the {len(val)} validation questions")
     return threshold, {"no_answer_threshold": round(threshold, 4), "no_answer_threshold_tuned_on": len(val)}
+
+
+def bertscore_metrics(cfg: Config, records: list[Record], predictions: dict[str, str]) -> dict:
+    """The mean BERTScore F1 (percent) of the answers against their best gold answer, and its encoder."""
+    if not cfg.eval.bertscore:
+        return {}
+    scores = BertScorer(cfg.eval.bertscore_model, cfg.eval.bertscore_layer).score(records, predictions)
+    return {
+        "bertscore_f1": round(100 * sum(scores.values()) / len(scores), 3),
+        "bertscore_model": cfg.eval.bertscore_model,
+    }
 
 
 def evaluate_stage(cfg: Config) -> dict:
@@ -66,6 +78,7 @@ def evaluate_stage(cfg: Config) -> dict:
         "precision": precision,
         "runtime": cfg.eval.runtime,
         **abstention,
+        **bertscore_metrics(cfg, records, predictions),
     }
     atomic_write_json(PREDICTIONS_FILE, predictions)
     atomic_write_json(METRICS_FILE, metrics)
@@ -75,6 +88,7 @@ def evaluate_stage(cfg: Config) -> dict:
         # the training figures metrics.json repeats are on this run already, under their own names
         own = {
             **{k: metrics[k] for k in scores},
+            **({"bertscore_f1": metrics["bertscore_f1"]} if "bertscore_f1" in metrics else {}),
             "questions": len(records),
             "inference_ms_per_question": metrics["inference_ms_per_question"],
         }
@@ -84,7 +98,10 @@ def evaluate_stage(cfg: Config) -> dict:
         log_split_input(records, "squad-dev", str(PREPARED / "dev.jsonl"), "evaluation")
         mlflow.log_artifact(str(PREDICTIONS_FILE))
         mlflow.log_artifact(str(METRICS_FILE))
-    print(f"dev ({len(records)} questions, SQuAD v{version}): EM {scores['exact_match']:.2f} F1 {scores['f1']:.2f}")
+    extra = f", BERTScore F1 {metrics['bertscore_f1']:.2f}" if "bertscore_f1" in metrics else ""
+    print(
+        f"dev ({len(records)} questions, SQuAD v{version}): EM {scores['exact_match']:.2f} F1 {scores['f1']:.2f}{extra}"
+    )
     return metrics
 
 

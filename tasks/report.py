@@ -122,6 +122,12 @@ def results_table(
             "",
         ]
     lines += abstention_lines(metrics, json.loads((PREPARED / "version.json").read_text()).get("split", {}))
+    if "bertscore_f1" in metrics:
+        lines += [
+            f"- BERTScore F1 of our answers: {metrics['bertscore_f1']:.2f} (encoder: {metrics['bertscore_model']},"
+            " no rescaling; eval.bertscore)",
+            "",
+        ]
     lines += [
         *search_lines(search or {}),
         "### Efficiency",

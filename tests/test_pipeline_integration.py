@@ -188,6 +188,7 @@ def test_squad2_profile_tunes_the_threshold_on_validation_and_serves_it(project:
     assert metrics["squad_version"] == "2.0" and metrics["dev_questions"] == 40
     assert metrics["no_answer_threshold_tuned_on"] == len(prepared["val"])
     assert {"HasAns_f1", "NoAns_f1", "best_f1", "best_f1_thresh"} <= set(metrics)
+    assert 0 <= metrics["bertscore_f1"] <= 100 and "BERTScore F1 of our answers" in out["report"]
     assert "learned to abstain" in out["report"] and "BERT single model" in out["report"]
 
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
