@@ -79,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
         " default: serving.workers",
     )
     _common(p)
+    p = sub.add_parser(
+        "ensemble",
+        help="registered versions answering together (max or mean of their probabilities), scored on the dev set",
+    )
+    p.add_argument("versions", type=int, nargs="+", metavar="VERSION", help="two or more registered versions")
+    p.add_argument("--rule", choices=("max", "mean"), default="max", help="the rule --register registers (max)")
+    p.add_argument("--register", action="store_true", help="register the ensemble as a new servable version")
+    _common(p)
     _common(sub.add_parser("deploy", help="serve qa-pipeline as a Prefect deployment on schedule.cron"))
     return parser
 
@@ -93,6 +101,10 @@ def _registry_command(args: argparse.Namespace) -> None:
         print(registry_cli.versions_table(cfg))
     elif args.command == "predict":
         print(registry_cli.predict_file(cfg, args.question, args.context_file, args.model_uri))
+    elif args.command == "ensemble":
+        from tasks.ensemble import ensemble_stage
+
+        ensemble_stage(cfg, args.versions, args.rule, args.register)
     else:
         registry_cli.serve(cfg, args.model_uri, args.host, args.port, args.workers or cfg.serving.workers)
 
@@ -126,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"spanflow: error: {problem}", file=sys.stderr)
         return 1
-    if args.command in ("promote", "registry", "predict", "serve"):  # MLflow only: no Prefect to import
+    if args.command in ("promote", "registry", "predict", "serve", "ensemble"):  # MLflow only: no Prefect flow
         from mlflow.exceptions import MlflowException
 
         try:

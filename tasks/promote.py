@@ -20,20 +20,19 @@ import mlflow
 import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
-from mlflow.models import Model
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from spanflow.answering.bootstrap import paired_bootstrap
-from spanflow.answering.inference import predict_records
-from spanflow.answering.spans import REGISTERED_BEFORE_SPAN_SCORING
+from spanflow.answering.spans import answer_texts
 from spanflow.answering.squad_metrics import per_question_scores
 from spanflow.config import Config
 from spanflow.data.splits import check_prepared
 from spanflow.data.squad import read_jsonl
 from spanflow.io_utils import atomic_write_json
 from spanflow.paths import PREDICTIONS_FILE, PREPARED, PROMOTION_FILE, REGISTERED_FILE, VERSION_FILE
+from spanflow.tracking.registered_versions import version_answerer
 from spanflow.tracking.runs import setup_mlflow
 
 CHAMPION_PREDICTIONS_ARTIFACT = "promotion/champion_predictions.json"
@@ -45,25 +44,11 @@ def champion_version(client: MlflowClient, name: str, alias: str) -> int | None:
 
 
 def rescore(cfg: Config, mv: ModelVersion, records: list[dict], squad_version: str) -> dict[str, str]:
-    """The champion's answers to `records`, with the chunking it was registered with."""
+    """The champion's answers to `records`, with the chunking and abstaining it was registered with."""
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(f"models:/{mv.name}/{mv.version}", dst_path=tmp))
-        artifacts = Model.load(local).flavors["python_function"]["artifacts"]
-        settings = json.loads((local / artifacts["settings"]["path"]).read_text())
-        own = cfg.with_values(
-            {
-                "features.chunk_length": settings["chunk_length"],
-                "features.overlap": settings["overlap"],
-                "features.max_query_length": settings["max_query_length"],
-                "eval.max_answer_length": settings["max_answer_length"],
-                "eval.n_best": settings["n_best"],
-                "eval.span_scoring": settings.get("span_scoring", REGISTERED_BEFORE_SPAN_SCORING),
-                "eval.no_answer_threshold": settings.get("no_answer_threshold", 0.0),
-                "eval.tune_no_answer_threshold": False,  # the champion abstains by the threshold it was registered with
-            }
-        )
-        predictions, _, _ = predict_records(own, local / artifacts["model_dir"]["path"], records, squad_version)
-    return predictions
+        answer, own = version_answerer(cfg, mv.name, mv.version, tmp)
+        texts = answer_texts(answer(records), squad_version, own.eval.no_answer_threshold)
+    return {r["id"]: t for r, t in zip(records, texts, strict=True)}
 
 
 def champion_predictions(

@@ -89,28 +89,33 @@ def version_from_run(client: MlflowClient, name: str, run_id: str) -> int | None
     return min(int(v.version) for v in found) if found else None
 
 
-def log_and_register(cfg: Config, run_id: str, squad_version: str, no_answer_threshold: float | None = None) -> int:
+def log_pyfunc(cfg: Config, run_id: str, artifacts: dict[str, str], settings: dict) -> int:
+    """Log the span-QA pyfunc with `artifacts` and its `settings` to `run_id` and register it as a new version."""
     example = pd.DataFrame(
         {"question": ["Where is the Eiffel Tower?"], "context": ["The Eiffel Tower is a landmark in Paris, France."]}
     )
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
-        settings = Path(tmp) / "settings.json"
-        settings.write_text(json.dumps(serving_settings(cfg, squad_version, no_answer_threshold)))
-        artifacts = {"model_dir": str(MODEL / "hf"), "settings": str(settings)}
-        runtime = serving_runtime(cfg)
-        if runtime != "torch":  # the ONNX file the served model answers with (the evaluate stage's, if it made it)
-            artifacts["onnx_model"] = str(ensure_onnx(MODEL / "hf", runtime, cfg.eval.int8_skip_modules, ONNX_CACHE))
+        settings_file = Path(tmp) / "settings.json"
+        settings_file.write_text(json.dumps(settings))
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_FILE),
-            artifacts=artifacts,
+            artifacts={**artifacts, "settings": str(settings_file)},
             code_paths=[str(LIBRARY_DIR)],
             input_example=example,
             signature=SIGNATURE,
-            pip_requirements=serving_requirements(runtime),
+            pip_requirements=serving_requirements(settings["runtime"]),
             registered_model_name=cfg.registry.model_name,
         )
     return int(info.registered_model_version)
+
+
+def log_and_register(cfg: Config, run_id: str, squad_version: str, no_answer_threshold: float | None = None) -> int:
+    artifacts = {"model_dir": str(MODEL / "hf")}
+    runtime = serving_runtime(cfg)
+    if runtime != "torch":  # the ONNX file the served model answers with (the evaluate stage's, if it made it)
+        artifacts["onnx_model"] = str(ensure_onnx(MODEL / "hf", runtime, cfg.eval.int8_skip_modules, ONNX_CACHE))
+    return log_pyfunc(cfg, run_id, artifacts, serving_settings(cfg, squad_version, no_answer_threshold))
 
 
 def register_stage(cfg: Config) -> dict:

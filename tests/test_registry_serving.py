@@ -171,6 +171,38 @@ def test_champion_evaluated_on_other_questions_is_rescored_on_the_challengers(pr
     assert "Paired bootstrap over 60 dev questions" in mine[0]["data"]
 
 
+def test_ensemble_of_versions_is_scored_registered_and_served(project: Path, prefect_server: str):
+    """`spanflow ensemble`: v1 and v2 (trained alike) scored alone and together, registered as one version that
+    serves a long context; an ensemble of identical members answers as the member does."""
+    import mlflow
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from flows.stages import prepare_data
+    from spanflow.config import load_config
+
+    prepare_data(load_config("params.yaml"))  # the dev questions of params.yaml, whatever a test before prepared
+    bad = _cli(project, "ensemble", "1")
+    assert bad.returncode == 1 and "two or more different versions" in bad.stderr
+    done = _cli(project, "ensemble", "1", "2", "--register")
+    assert done.returncode == 0, done.stderr
+    out = json.loads((project / "results/ensemble.json").read_text())
+    assert set(out["scores"]) == {"v1", "v2", "max", "mean"}
+    assert out["scores"]["max"] == out["scores"]["v1"] == out["scores"]["v2"]
+    assert out["gain_over_best_member"]["max"]["mean_gain"] == 0.0
+    version = out["registered_version"]
+    tags = MlflowClient().get_model_version(MODEL_NAME, str(version)).tags
+    assert tags["ensemble.versions"] == "1,2" and tags["ensemble.rule"] == "max"
+    assert float(tags["dev_f1"]) == pytest.approx(out["scores"]["max"]["f1"])
+
+    context = " ".join(f"Sentence number {i} talks about nothing at all." for i in range(150))
+    rows = pd.DataFrame({"question": ["Who founded the harbour?"], "context": [context + " Ada founded the harbour."]})
+    served = {v: mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}/{v}").predict(rows) for v in (1, version)}
+    row = served[version].iloc[0]
+    assert rows.context[0][row["start"] : row["end"]] == row["answer"]
+    pd.testing.assert_frame_equal(served[version], served[1], atol=1e-4)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

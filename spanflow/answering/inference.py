@@ -16,6 +16,7 @@ from spanflow.answering.onnx_runtime import OnnxQAModel, ensure_onnx
 from spanflow.answering.spans import DEFAULT_SPAN_SCORING, Answer, answer_texts, best_spans
 from spanflow.config import Config
 from spanflow.data.features import Features, Record, featurize
+from spanflow.models.ensemble import EnsembleQAModel, check_shared_tokenizer
 from spanflow.models.modeling import load_trained
 from spanflow.models.qa_loss import span_loss
 from spanflow.paths import ONNX_CACHE
@@ -73,6 +74,15 @@ def load_answering_model(
     onnx_file = onnx_file or ensure_onnx(Path(model_dir), runtime, list(int8_skip_modules), ONNX_CACHE)
     threads = max(1, torch.get_num_threads() // max(1, workers))
     return OnnxQAModel(Path(onnx_file), threads), "fp32"
+
+
+def load_ensemble_model(
+    model_dirs: list[str | Path], rule: str, precision: str, device: torch.device
+) -> EnsembleQAModel:
+    """Saved QA models answering as one by `rule` (max | mean of their probabilities); torch only."""
+    dirs = [Path(d) for d in model_dirs]
+    check_shared_tokenizer(dirs)
+    return EnsembleQAModel([load_qa_model(d, precision, device) for d in dirs], rule)
 
 
 def default_device() -> torch.device:
@@ -197,7 +207,6 @@ def records_answerer(cfg: Config, model_dir: Path) -> tuple[Callable[[list[Recor
     """A function that answers records with the model in `model_dir` and the chunking and decoding of `cfg`,
     loaded once; and the precision it computes in."""
     device = default_device()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model, precision = load_answering_model(
         model_dir,
         cfg.eval.runtime,
@@ -206,6 +215,13 @@ def records_answerer(cfg: Config, model_dir: Path) -> tuple[Callable[[list[Recor
         cfg.eval.workers,
         cfg.eval.int8_skip_modules,
     )
+    return model_answerer(cfg, model, AutoTokenizer.from_pretrained(model_dir), precision), precision
+
+
+def model_answerer(
+    cfg: Config, model: torch.nn.Module | OnnxQAModel, tokenizer, precision: str
+) -> Callable[[list[Record]], list[Answer]]:
+    """A function that answers records with `model`, by the chunking and decoding of `cfg`."""
 
     def answer(records: list[Record]) -> list[Answer]:
         return answer_questions(
@@ -223,7 +239,7 @@ def records_answerer(cfg: Config, model_dir: Path) -> tuple[Callable[[list[Recor
             cfg.eval.span_scoring,
         )
 
-    return answer, precision
+    return answer
 
 
 def predict_records(

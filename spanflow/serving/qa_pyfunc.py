@@ -97,7 +97,7 @@ class SpanQAModel(PythonModel):
         import torch
         from transformers import AutoTokenizer
 
-        from spanflow.answering.inference import default_device, load_answering_model
+        from spanflow.answering.inference import default_device, load_answering_model, load_ensemble_model
 
         threads = torch_threads_from_env()
         if threads is not None:  # before the model loads; the request threads inherit it
@@ -105,6 +105,12 @@ class SpanQAModel(PythonModel):
         with open(context.artifacts["settings"]) as fh:
             self.settings = json.load(fh)
         self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["model_dir"])
+        if self.settings.get("ensemble_rule"):  # members model_dir, model_dir_1, ...: one torch module
+            members = [context.artifacts["model_dir"]]
+            members += [context.artifacts[f"model_dir_{k}"] for k in range(1, self.settings["ensemble_members"])]
+            self.precision = self.settings["precision"]
+            self.model = load_ensemble_model(members, self.settings["ensemble_rule"], self.precision, default_device())
+            return
         # models registered before serving.runtime existed answer with torch
         self.model, self.precision = load_answering_model(
             context.artifacts["model_dir"],
