@@ -19,6 +19,7 @@ from spanflow.models.lora_fused import FusedLoraLinear
 from spanflow.models.modeling import apply_method, export_merged, load_backbone, load_tokenizer
 from spanflow.training.loop import accumulate_batch, param_groups
 from tests.helpers import make_tiny_model_dir, tiny_config, tiny_records
+from tests.test_pipeline_integration import project  # noqa: F401  (the tiny project fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft x transformers 5
 
@@ -173,3 +174,46 @@ def test_layer_mix_settings_are_checked(model_dir: Path):
     assert isinstance(mix, ScalarMix)
     with pytest.raises(ValueError, match="method layer_mix: BertForQuestionAnswering has a layer_mix already"):
         add_layer_mix(prepared.model, embeddings=True)
+
+
+def test_spanflow_run_trains_evaluates_and_registers_a_layer_mix(project: Path, prefect_server: str):  # noqa: F811
+    """`spanflow run --set method.name=layer_mix` on the tiny project (search and warm start included): the learned
+    layer weights as MLflow metrics, a JSON artifact and the plot; the registered pyfunc answers with the mix."""
+    import mlflow
+    import pandas as pd
+
+    from spanflow.cli import main
+
+    # one search point (a trial, so the final model starts from its weights) and 20 dev questions: a short run
+    overrides = ["method.name=layer_mix", "search.space.chunk_length=[96]", "search.space.overlap=[32]"]
+    overrides.append("data.dev_limit=20")
+    assert main(["run", *(arg for o in overrides for arg in ("--set", o))]) == 0
+
+    summary = json.loads((project / "models/final/train.json").read_text())
+    assert summary["method"] == "layer_mix" and summary["warm_start"]
+    report = summary["layer_mix"]
+    assert report["state"] == ["embeddings", "layer 1", "layer 2"] and report["learned"]
+    assert sum(report["weight"]) == pytest.approx(1.0, abs=1e-6)
+    assert max(abs(w - 1 / 3) for w in report["weight"]) > 1e-4  # the mix trained: it left the uniform start
+    assert (project / "results/layer_weights.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads((project / "results/metrics.json").read_text())
+    assert 0 <= metrics["f1"] <= 100 and metrics["trainable_params"] == 3 + 1 + (32 * 2 + 2)
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    run = client.get_run(summary["run_id"])
+    weights = [run.data.metrics[f"layer_weight_{i}"] for i in range(3)]
+    assert weights == pytest.approx(report["weight"]) and run.data.metrics["layer_mix_gamma"] == report["gamma"]
+    assert run.info.run_name.endswith("-frozen")
+    assert {"plots/layer_weights.png"} <= {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    logged = json.loads(Path(client.download_artifacts(run.info.run_id, "layer_mix/weights.json")).read_text())
+    assert logged["weight"] == report["weight"]
+
+    version = json.loads((project / "results/registered.json").read_text())["version"]
+    assert client.get_model_version("spanflow-qa-test", str(version)).run_id == run.info.run_id
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    served = mlflow.pyfunc.load_model(f"models:/spanflow-qa-test/{version}")
+    assert find_layer_mix(served.unwrap_python_model().model) is not None  # the pyfunc rebuilt the mix
+    context = "The harbour of Calder was founded by Brenna in 1843. It can hold 300 ships."
+    answer = served.predict(pd.DataFrame({"question": ["Who founded the harbour of Calder?"], "context": [context]}))
+    row = answer.iloc[0]
+    assert context[row["start"] : row["end"]] == row["answer"]
