@@ -16,7 +16,7 @@ from spanflow.answering.onnx_runtime import RUNTIMES
 from spanflow.answering.spans import DEFAULT_SPAN_SCORING, SPAN_SCORINGS
 
 DEFAULT_PARAMS = Path("params.yaml")
-METHOD_NAMES = ("lora", "full", "freeze", "adapter")  # spanflow/models/modeling.py: METHODS
+METHOD_NAMES = ("lora", "full", "freeze", "adapter", "layer_mix")  # spanflow/models/modeling.py: METHODS
 
 
 class ConfigError(ValueError):
@@ -79,12 +79,27 @@ class AdapterConfig:
     size: int = 64  # the bottleneck's features (Houlsby et al.: 8 to 256; 64 in the SQuAD 2.0 study)
 
 
+LAYER_MIX_BACKBONES = ("frozen", "lora")
+
+
+@dataclass
+class LayerMixConfig:
+    backbone: str = "frozen"  # frozen: only the mix and the QA head train | lora: method.lora's adapters train too
+    embeddings: bool = True  # the embeddings' output is one of the mixed states (L + 1 of them), else the L layers'
+
+
 @dataclass
 class MethodConfig:
-    name: str = "lora"  # lora | full | freeze | adapter
+    name: str = "lora"  # lora | full | freeze | adapter | layer_mix
     lora: LoraConfig = field(default_factory=LoraConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    layer_mix: LayerMixConfig = field(default_factory=LayerMixConfig)
+
+    @property
+    def uses_lora(self) -> bool:
+        """Whether the method trains LoRA adapters (and method.lora.* and the searched ranks mean something)."""
+        return self.name == "lora" or (self.name == "layer_mix" and self.layer_mix.backbone == "lora")
 
 
 @dataclass
@@ -357,6 +372,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"method.freeze.trainable_layers: {cfg.method.freeze.trainable_layers} must be >= 0")
     if cfg.method.adapter.size < 1:
         raise ConfigError(f"method.adapter.size: {cfg.method.adapter.size} must be >= 1")
+    if cfg.method.layer_mix.backbone not in LAYER_MIX_BACKBONES:
+        raise ConfigError(
+            f"method.layer_mix.backbone: {cfg.method.layer_mix.backbone!r} is not {'|'.join(LAYER_MIX_BACKBONES)}"
+        )
     if cfg.train.precision not in {"auto", "fp32", "bf16", "fp16"}:
         raise ConfigError(f"train.precision: {cfg.train.precision!r} is not auto|fp32|bf16|fp16")
     if cfg.train.select_by not in {"val_f1", "val_loss", "last"}:

@@ -13,6 +13,7 @@ VERSION_FILE = PREPARED / "version.json"  # prepare: content hashes, DVC md5s, t
 TRAIN_SUMMARY_FILE = MODEL / "train.json"  # train: steps, seconds, history
 HISTORY_FILE = RESULTS / "history.csv"
 CURVES_FILE = RESULTS / "learning_curves.png"
+LAYER_WEIGHTS_FILE = RESULTS / "layer_weights.png"  # train: each layer's weight in what the QA head reads
 PREDICTIONS_FILE = RESULTS / "predictions.json"  # evaluate: id -> answer
 METRICS_FILE = RESULTS / "metrics.json"
 REGISTERED_FILE = RESULTS / "registered.json"  # register: the new version

@@ -25,11 +25,12 @@ from spanflow.data.splits import (
 )
 from spanflow.data.squad import read_jsonl
 from spanflow.io_utils import atomic_write_json, atomic_write_text
+from spanflow.models.layer_mix import layer_weights_report
 from spanflow.models.modeling import apply_method, export_merged, load_backbone, load_tokenizer
 from spanflow.models.warm_start import load_warm_start
-from spanflow.paths import CURVES_FILE, HISTORY_FILE, MODEL, PREPARED, TRAIN_SUMMARY_FILE
+from spanflow.paths import CURVES_FILE, HISTORY_FILE, LAYER_WEIGHTS_FILE, MODEL, PREPARED, TRAIN_SUMMARY_FILE
 from spanflow.search.best_params import BEST_PARAMS_FILE, final_config, read_best_params
-from spanflow.tracking.plots import learning_curves
+from spanflow.tracking.plots import layer_weights, learning_curves
 from spanflow.tracking.runs import (
     describe_run,
     git_commit,
@@ -75,6 +76,8 @@ def _start_run(cfg: Config, resume: bool) -> mlflow.ActiveRun:
         run_name += f"-r{cfg.method.lora.rank}"
     elif cfg.method.name == "freeze":
         run_name += f"-k{cfg.method.freeze.trainable_layers}"
+    elif cfg.method.name == "layer_mix":
+        run_name += f"-{cfg.method.layer_mix.backbone}" + (f"-r{cfg.method.lora.rank}" if cfg.method.uses_lora else "")
     return mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
 
 
@@ -169,6 +172,7 @@ def train_stage(cfg: Config, resume: bool = False) -> dict:
             on_epoch=log_epoch,
             on_log=log_step,
         )
+        layers = layer_weights_report(prepared.model, cfg.method.name)  # the kept weights, before LoRA merges
         export_merged(prepared.model, tokenizer, MODEL / "hf")
         describe_run(
             f"Final model: {cfg.method.name} ({prepared.trainable_params:,} trainable parameters) on "
@@ -195,11 +199,17 @@ def train_stage(cfg: Config, resume: bool = False) -> dict:
             "best_epoch": result.best_epoch,
             "stopped_early": result.stopped_early,
             "train_peak_rss_mb": round(peak_rss_mb(), 1),
+            "layer_mix": layers if layers["learned"] else None,
             "history": [asdict(h) for h in result.history],
         }
         atomic_write_json(TRAIN_SUMMARY_FILE, summary)
         _write_history(result.history)
         learning_curves(summary["history"], CURVES_FILE, result.step_log)
+        layer_weights(layers, LAYER_WEIGHTS_FILE)  # every method: the others' is the last layer alone
+        if layers["learned"]:  # method layer_mix: the softmax weights per hidden state (0: the embeddings' output)
+            mlflow.log_metrics({f"layer_weight_{i}": w for i, w in zip(layers["index"], layers["weight"], strict=True)})
+            mlflow.log_metric("layer_mix_gamma", layers["gamma"])
+            mlflow.log_dict(layers, "layer_mix/weights.json")
         mlflow.log_metrics(
             {
                 k: float(summary[k])
@@ -216,6 +226,7 @@ def train_stage(cfg: Config, resume: bool = False) -> dict:
         mlflow.set_tag("precision", result.precision)
         mlflow.log_artifact(str(CURVES_FILE), "plots")
         mlflow.log_artifact(str(HISTORY_FILE), "plots")
+        mlflow.log_artifact(str(LAYER_WEIGHTS_FILE), "plots")
     return summary
 
 

@@ -594,7 +594,7 @@ def test_max_steps_caps_the_run(train) -> None:
 # --------------------------------------------------------------------------- checkpoints
 
 
-@pytest.mark.parametrize("method", ["lora", "freeze", "adapter"])
+@pytest.mark.parametrize("method", ["lora", "freeze", "adapter", "layer_mix"])
 def test_killed_run_resumes_from_its_checkpoint(train, tmp_path: Path, method: str) -> None:
     overrides = [*FAST, "train.epochs=3", f"method.name={method}", "method.freeze.trainable_layers=1"]
     overrides.append("method.adapter.size=8")

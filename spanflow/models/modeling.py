@@ -25,8 +25,12 @@ from transformers.utils import logging as hf_logging
 from spanflow.config import MethodConfig, ModelConfig
 from spanflow.models.adapters import CONFIG_KEY as ADAPTER_CONFIG_KEY
 from spanflow.models.adapters import adapter_places, add_adapters, restore_adapters
+from spanflow.models.layer_mix import CONFIG_KEY as LAYER_MIX_CONFIG_KEY
+from spanflow.models.layer_mix import MODULE_NAME as LAYER_MIX
+from spanflow.models.layer_mix import add_layer_mix, restore_layer_mix
 
 QA_HEAD = "qa_outputs"
+HEAD_MODULES = (QA_HEAD, LAYER_MIX)  # new parts that start untrained: they learn at train.head_lr_ratio x the rate
 # where each model family keeps its dropout rates: BERT/ALBERT/RoBERTa first, then DistilBERT and others
 DROPOUT_KEYS = {
     "attention_dropout": ("attention_probs_dropout_prob", "attention_dropout"),
@@ -175,11 +179,27 @@ def _lora(backbone: PreTrainedModel, cfg: MethodConfig) -> torch.nn.Module:
     return model
 
 
+def _layer_mix(backbone: PreTrainedModel, cfg: MethodConfig) -> torch.nn.Module:
+    """BERTVision's learned layer pooling: the QA head reads a learned softmax mix of every layer's hidden states
+    (spanflow/models/layer_mix.py). Over a frozen backbone only the mix and the QA head train; over a LoRA one
+    (`method.layer_mix.backbone: lora`, with `method.lora.*`) the LoRA adapters train too."""
+    backbone.requires_grad_(False)
+    mix = add_layer_mix(backbone, cfg.layer_mix.embeddings)
+    if cfg.layer_mix.backbone == "lora":
+        model = _lora(backbone, cfg)  # PEFT leaves LoRA and the QA head trainable, and freezes the mix: thawed below
+    else:
+        model = backbone
+        getattr(backbone, QA_HEAD).requires_grad_(True)
+    mix.requires_grad_(True)
+    return model
+
+
 METHODS: dict[str, Callable[[PreTrainedModel, MethodConfig], torch.nn.Module]] = {
     "full": _full,
     "lora": _lora,
     "freeze": _freeze,
     "adapter": _adapter,
+    "layer_mix": _layer_mix,
 }
 
 
@@ -201,17 +221,22 @@ def export_merged(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, ou
 
 
 def load_trained(model_dir: str | Path) -> PreTrainedModel:
-    """A QA model saved by `export_merged`, in fp32 on the CPU, in eval mode, with its adapters if it has any."""
+    """A QA model saved by `export_merged`, in fp32 on the CPU, in eval mode, with its adapters or its layer mix if
+    it has any (parts that do not merge into the weights)."""
     config = AutoConfig.from_pretrained(model_dir)
-    if not getattr(config, ADAPTER_CONFIG_KEY, None):
+    adapters, layer_mix = getattr(config, ADAPTER_CONFIG_KEY, None), getattr(config, LAYER_MIX_CONFIG_KEY, None)
+    if not (adapters or layer_mix):
         return AutoModelForQuestionAnswering.from_pretrained(model_dir, dtype=torch.float32).eval()
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the adapters' weights are "unexpected" to transformers: restored below
+    hf_logging.set_verbosity_error()  # their weights are "unexpected" to transformers: restored below
     try:
         model = AutoModelForQuestionAnswering.from_pretrained(model_dir, dtype=torch.float32)
     finally:
         hf_logging.set_verbosity(verbosity)
-    restore_adapters(model, Path(model_dir), transformer_layers(model, "adapter"))
+    if adapters:
+        restore_adapters(model, Path(model_dir), transformer_layers(model, "adapter"))
+    if layer_mix:
+        restore_layer_mix(model, Path(model_dir))
     return model.eval()
 
 

@@ -47,6 +47,26 @@ def learning_curves(history: list[dict], path: Path, step_log: list[tuple[int, f
     return _save(fig, path)
 
 
+def layer_weights(report: dict, path: Path) -> Path:
+    """One bar per hidden state (the embeddings' output, then each layer's): its weight in what the QA head reads.
+    `report` is `spanflow.models.layer_mix.layer_weights_report`'s: the learned softmax weights of method layer_mix
+    (with the uniform weights it started from), or, for any other method, 1 on the last layer."""
+    states, weights = report["state"], report["weight"]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(states) + 1.5), 4))
+    bars = ax.bar(states, weights, color="tab:blue" if report["learned"] else "tab:gray")
+    ax.bar_label(bars, fmt="%.3f", fontsize=8)
+    if report["learned"]:
+        ax.axhline(1 / len(states), color="tab:red", ls="--", lw=1, label="uniform (where the mix starts)")
+        ax.legend()
+        title = f"Learned layer weights (softmax), gamma {report['gamma']:.3f}"
+    else:
+        title = f"method {report['method']}: the QA head reads the last layer alone"
+    ax.set(xlabel="hidden state", ylabel="weight", ylim=(0, max(weights) * 1.15), title=title)
+    ax.tick_params(axis="x", labelrotation=45 if len(states) > 8 else 0)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
 def search_heatmaps(rows: list[dict], path: Path, best_point: str | None = None, lead: dict | None = None) -> Path:
     """Validation F1 (top) and EM (bottom) over chunk length x overlap, one column per LoRA rank, one colour
     scale per row over the complete trials. A pruned trial, scored at a lower fidelity, is left uncoloured with

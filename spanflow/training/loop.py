@@ -22,7 +22,7 @@ from spanflow.answering.squad_metrics import per_question_scores, score
 from spanflow.config import Config, TrainConfig
 from spanflow.data.features import Features, Record
 from spanflow.models.lora_fused import release_fp32_bases
-from spanflow.models.modeling import QA_HEAD, PreparedModel, load_trainable_state, trainable_state
+from spanflow.models.modeling import HEAD_MODULES, PreparedModel, load_trainable_state, trainable_state
 from spanflow.models.qa_loss import span_loss
 from spanflow.training.allocator import keeping_heap
 from spanflow.training.passes import attention_kernel, length_sorted_passes
@@ -115,13 +115,13 @@ def accumulate_batch(
 
 
 def param_groups(model: torch.nn.Module, tc: TrainConfig) -> list[dict]:
-    """AdamW groups: weight decay on matrices only; the QA head, which starts untrained, at `head_lr_ratio` times
-    the learning rate (the scheduler scales every group alike)."""
+    """AdamW groups: weight decay on matrices only; the QA head (and a layer mix), which start untrained, at
+    `head_lr_ratio` times the learning rate (the scheduler scales every group alike)."""
     groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        ratio = tc.head_lr_ratio if QA_HEAD in name else 1.0
+        ratio = tc.head_lr_ratio if any(h in name for h in HEAD_MODULES) else 1.0
         decay = tc.weight_decay if p.ndim >= 2 else 0.0
         groups.setdefault((ratio, decay), []).append(p)
     return [
