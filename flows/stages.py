@@ -6,11 +6,13 @@ from __future__ import annotations
 from prefect import flow
 
 from spanflow.config import Config, load_config
+from spanflow.study.spec import DEFAULT_STUDY, load_study
 from tasks.evaluate import evaluate_task
 from tasks.featurize import featurize_task
 from tasks.prepare import ingest_task, split_task, validate_task, version_task
 from tasks.promote import promote_task
 from tasks.register import register_task
+from tasks.study import study_task
 from tasks.train import train_task
 from tasks.tune import tune_task
 
@@ -59,6 +61,19 @@ def register_flow(params: str = "params.yaml", overrides: list[str] | None = Non
 @flow(name="qa-promote")
 def promote_flow(params: str = "params.yaml", overrides: list[str] | None = None) -> dict:
     return promote_task(load_config(params, overrides))
+
+
+@flow(name="qa-study", log_prints=True)
+def study_flow(
+    params: str = "params.yaml",
+    overrides: list[str] | None = None,
+    study_file: str = DEFAULT_STUDY,
+    quick: bool = False,
+) -> dict:
+    """The experiments of a study file, each through the stages above, and the findings on its claims."""
+    cfg = load_config(params, overrides)
+    command = f"spanflow study --file {study_file}" + (" --quick" if quick else "")
+    return study_task(cfg, load_study(study_file, quick), params, overrides, command)
 
 
 STAGE_FLOWS = {

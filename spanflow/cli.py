@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rule", choices=("max", "mean"), default="max", help="the rule --register registers (max)")
     p.add_argument("--register", action="store_true", help="register the ensemble as a new servable version")
     _common(p)
+    p = sub.add_parser("study", help="the experiments of a study file on one pipeline, and findings on its claims")
+    p.add_argument("--file", default="studies/default.yaml", help="the study (default: studies/default.yaml)")
+    p.add_argument("--quick", action="store_true", help="the study file's quick: budget (a smoke test)")
+    _common(p)
     _common(sub.add_parser("deploy", help="serve qa-pipeline as a Prefect deployment on schedule.cron"))
     return parser
 
@@ -153,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     from mlflow.exceptions import MlflowException
 
     from flows.pipeline import qa_pipeline
-    from flows.stages import STAGE_FLOWS, evaluate_flow, featurize_flow, prepare_flow, train_flow, tune_flow
+    from flows.stages import STAGE_FLOWS, evaluate_flow, featurize_flow, prepare_flow, study_flow, train_flow, tune_flow
     from spanflow.data.squad import DataValidationError
     from spanflow.search.study import SearchIncomplete
 
@@ -176,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             train_flow(args.params, args.overrides, resume=args.resume)
         elif args.command == "evaluate":
             evaluate_flow(args.params, args.overrides)
+        elif args.command == "study":
+            study_flow(args.params, args.overrides, args.file, args.quick)
         else:
             STAGE_FLOWS[args.name](args.params, args.overrides)
     except (ConfigError, DataValidationError, FileNotFoundError, ValueError, SearchIncomplete, MlflowException) as exc:

@@ -153,6 +153,7 @@ class TrackingConfig:
     tracking_uri: str = "sqlite:///mlflow.db"  # MLFLOW_TRACKING_URI wins when set
     artifact_root: str = "mlruns"
     experiment: str = "spanflow-qa"
+    parent_run_id: str | None = None  # the training run is nested under this MLflow run (spanflow study sets it)
 
 
 @dataclass

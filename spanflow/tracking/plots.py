@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def save_figure(fig: plt.Figure, path: Path) -> Path:
     if fig.get_layout_engine() is None:  # figures made with layout="constrained" lay themselves out
         fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,7 +44,7 @@ def learning_curves(history: list[dict], path: Path, step_log: list[tuple[int, f
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def layer_weights(report: dict, path: Path) -> Path:
@@ -64,7 +64,7 @@ def layer_weights(report: dict, path: Path) -> Path:
     ax.set(xlabel="hidden state", ylabel="weight", ylim=(0, max(weights) * 1.15), title=title)
     ax.tick_params(axis="x", labelrotation=45 if len(states) > 8 else 0)
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def search_heatmaps(rows: list[dict], path: Path, best_point: str | None = None, lead: dict | None = None) -> Path:
@@ -122,7 +122,7 @@ def search_heatmaps(rows: list[dict], path: Path, best_point: str | None = None,
         lead_text += f"{lead['lead_high']:+.1f}], " + ("more than noise" if lead["separated"] else "within noise")
         title += "\n" + lead_text
     fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def search_durations(rows: list[dict], path: Path) -> Path:
@@ -139,4 +139,4 @@ def search_durations(rows: list[dict], path: Path) -> Path:
     ax.set(xlabel="seconds", title="Search trial durations")
     ax.grid(axis="x", alpha=0.3)
     ax.legend(handles=handles, loc="lower right")
-    return _save(fig, path)
+    return save_figure(fig, path)

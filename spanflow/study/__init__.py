@@ -1,0 +1,1 @@
+"""`spanflow study`: declared experiments on one pipeline, and the findings they support."""

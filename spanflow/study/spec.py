@@ -1,0 +1,98 @@
+"""A study file (studies/NAME.yaml): the experiments to run, each a set of `--set` overrides over params.yaml, and
+the claims to put to the test with them. Read and checked here, before anything runs."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+DEFAULT_STUDY = "studies/default.yaml"
+EXPECTATIONS = ("better", "equal", "lower")  # a's F1 above b's | within ±margin of it | a's figure <= ratio x b's
+RATIO_METRICS = ("train_peak_rss_mb", "train_seconds", "trainable_params")
+NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass
+class Claim:
+    claim: str
+    source: str
+    a: str  # experiment names: a is compared with b
+    b: str
+    expect: str = "better"
+    margin: float = 1.0  # equal: the F1 gain's interval must lie inside ±margin
+    metric: str = "f1"  # lower: which figure (train_peak_rss_mb, train_seconds, trainable_params)
+    ratio: float = 1.0  # lower: a's figure at most ratio x b's
+
+
+@dataclass
+class Study:
+    name: str
+    path: Path
+    steps: int  # optimizer steps every experiment trains (train.max_steps)
+    base: list[str]  # overrides every experiment shares
+    experiments: dict[str, list[str]]
+    claims: list[Claim] = field(default_factory=list)
+    data_curve: list[str] = field(default_factory=list)  # experiments plotted as F1 against training questions
+    last: list[str] = field(default_factory=list)  # --quick: over every experiment's own overrides
+
+    def overrides(self, name: str) -> list[str]:
+        """base, the step budget, the experiment's own (which may change the budget), then --quick's."""
+        return [*self.base, f"train.max_steps={self.steps}", *self.experiments[name], *self.last]
+
+
+class StudyError(ValueError):
+    pass
+
+
+def _strings(value: object, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and "=" in v for v in value):
+        raise StudyError(f"{where}: expected a list of KEY=VALUE overrides, got {value!r}")
+    return list(value)
+
+
+def load_study(path: str | Path, quick: bool = False) -> Study:
+    """The study in `path`; with `quick`, its `quick:` section's steps and overrides replace and extend the base."""
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"study file {path}: not found")
+    raw = yaml.safe_load(path.read_text()) or {}
+    where = str(path)
+    unknown = set(raw) - {"name", "steps", "base", "experiments", "claims", "data_curve", "quick"}
+    if unknown:
+        raise StudyError(f"{where}: unknown keys {sorted(unknown)}")
+    experiments = raw.get("experiments") or {}
+    if not isinstance(experiments, dict) or not experiments:
+        raise StudyError(f"{where}: experiments: a mapping of name -> overrides, with at least one")
+    for name, sets in experiments.items():
+        if not NAME.match(str(name)):
+            raise StudyError(f"{where}: experiment name {name!r}: letters, digits, '_', '-' and '.' only")
+        experiments[name] = _strings(sets or [], f"{where}: experiments.{name}")
+    steps, base, last = raw.get("steps"), _strings(raw.get("base") or [], f"{where}: base"), []
+    if quick:
+        q = raw.get("quick") or {}
+        steps = q.get("steps", steps)
+        last = [*_strings(q.get("set") or [], f"{where}: quick.set"), f"train.max_steps={steps}"]
+    if not isinstance(steps, int) or steps < 1:
+        raise StudyError(f"{where}: steps: {steps!r} must be a whole number >= 1")
+    claims = []
+    for i, c in enumerate(raw.get("claims") or []):
+        try:
+            claim = Claim(**c)
+        except TypeError as exc:
+            raise StudyError(f"{where}: claims[{i}]: {exc}") from None
+        for side in (claim.a, claim.b):
+            if side not in experiments:
+                raise StudyError(f"{where}: claims[{i}] ({claim.claim!r}) names no experiment {side!r}")
+        if claim.expect not in EXPECTATIONS:
+            raise StudyError(f"{where}: claims[{i}].expect {claim.expect!r}: one of {', '.join(EXPECTATIONS)}")
+        if claim.expect == "lower" and claim.metric not in RATIO_METRICS:
+            raise StudyError(f"{where}: claims[{i}].metric {claim.metric!r}: one of {', '.join(RATIO_METRICS)}")
+        claims.append(claim)
+    curve = list(raw.get("data_curve") or [])
+    missing = [n for n in curve if n not in experiments]
+    if missing:
+        raise StudyError(f"{where}: data_curve names no experiment {missing}")
+    return Study(str(raw.get("name") or path.stem), path, steps, base, experiments, claims, curve, last)

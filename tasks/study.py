@@ -1,0 +1,149 @@
+"""Stage study (`spanflow study`): the experiments of a study file, each through the pipeline's own stages in its
+own workspace (studies/runs/<study>/<experiment>/), then the findings: results/study/findings.md and the plots.
+
+Every experiment shares params.yaml, the study's base overrides and its step budget; its training run is nested
+under one MLflow parent run of the study. An experiment whose workspace holds the result of the same overrides is
+skipped, one cut short resumes from its last checkpoint, so a study resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from spanflow.answering.squad_metrics import per_question_scores
+from spanflow.config import Config, load_config
+from spanflow.data.squad import read_jsonl
+from spanflow.io_utils import atomic_write_json, atomic_write_text
+from spanflow.paths import METRICS_FILE, MODEL, PREDICTIONS_FILE, PREPARED, RESULTS, TRAIN_SUMMARY_FILE
+from spanflow.study.findings import Outcome, data_curve_plot, findings_markdown, judge, pareto_plot
+from spanflow.study.spec import Study
+from spanflow.tracking.runs import setup_mlflow
+
+STUDY_RESULTS = RESULTS / "study"
+RUNS = Path("studies/runs")
+SHARED = ("data/squad", "data/leaderboard")  # read by every experiment: linked, not copied
+
+
+@contextlib.contextmanager
+def inside(path: Path) -> Iterator[None]:
+    cwd = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+
+
+def workspace(root: Path, study: Study, name: str) -> Path:
+    ws = root / RUNS / study.name / name
+    for shared in SHARED:
+        link = ws / shared
+        if not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to((root / shared).resolve(), target_is_directory=True)
+    return ws
+
+
+def experiment_config(cfg: Config, params: str, overrides: list[str], study: Study, name: str, parent: str) -> Config:
+    """params.yaml + the command's, the study's and the experiment's overrides, tracked in the project's MLflow
+    store (`cfg`'s, as absolute paths: the experiment runs in its workspace) under the study's parent run."""
+    tracking = [
+        f"tracking.tracking_uri={json.dumps(cfg.tracking_uri)}",
+        f"tracking.artifact_root={json.dumps(str(Path(cfg.tracking.artifact_root).resolve()))}",
+        f"tracking.parent_run_id={parent}",
+        "search.enabled=false",  # an experiment is one point: the grid search is the pipeline's business
+    ]
+    return load_config(params, [*overrides, *study.overrides(name), *tracking])
+
+
+def run_experiment(cfg: Config, study: Study, name: str, ws: Path) -> None:
+    """prepare -> featurize -> train -> evaluate in `ws`, skipped when done with these overrides."""
+    from flows.stages import prepare_data
+    from tasks.evaluate import evaluate_stage
+    from tasks.featurize import featurize_splits
+    from tasks.train import train_stage
+
+    done = ws / "experiment.json"
+    wanted = {"overrides": study.overrides(name)}
+    if done.is_file() and json.loads(done.read_text()) == wanted and (ws / METRICS_FILE).is_file():
+        print(f"study {study.name}: {name} already done, skipped")
+        return
+    with inside(ws):
+        print(f"study {study.name}: {name} ({' '.join(study.experiments[name]) or 'base'})")
+        prepare_data(cfg)
+        featurize_splits(cfg)
+        train_stage(cfg, resume=(MODEL / "checkpoints").is_dir())
+        evaluate_stage(cfg)
+    atomic_write_json(done, wanted)
+
+
+def outcome(ws: Path, name: str) -> Outcome:
+    metrics = json.loads((ws / METRICS_FILE).read_text())
+    metrics["train_steps"] = json.loads((ws / TRAIN_SUMMARY_FILE).read_text())["steps"]
+    records = read_jsonl(ws / PREPARED / "dev.jsonl")
+    predictions = json.loads((ws / PREDICTIONS_FILE).read_text())
+    per_q = per_question_scores(records, predictions, metrics["squad_version"])
+    version = json.loads((ws / PREPARED / "version.json").read_text())
+    f1 = np.array([100 * per_q[r["id"]][1] for r in records])
+    return Outcome(name, metrics, f1, version["split"]["train"])
+
+
+def study_stage(
+    cfg: Config, study: Study, params: str = "params.yaml", overrides: list[str] | None = None, command: str = ""
+) -> dict:
+    """Run the study's experiments (resuming, skipping what is done) and write its findings."""
+    root = Path.cwd()
+    with mlflow.start_run(experiment_id=setup_mlflow(cfg), run_name=f"study-{study.name}") as parent:
+        mlflow.log_params({"study.name": study.name, "study.steps": study.steps, "study.file": str(study.path)})
+        parent_id = parent.info.run_id
+    outcomes = {}
+    for name in study.experiments:
+        ws = workspace(root, study, name)
+        run_experiment(experiment_config(cfg, params, overrides or [], study, name, parent_id), study, name, ws)
+        outcomes[name] = outcome(ws, name)
+    dev_ids = {n: len(o.question_f1) for n, o in outcomes.items()}
+    if len(set(dev_ids.values())) != 1:
+        raise ValueError(
+            f"study {study.name}: the experiments answered different dev sets {dev_ids}; keep data.dev alike"
+        )
+    findings = [judge(c, outcomes[c.a], outcomes[c.b], cfg.registry) for c in study.claims]
+    STUDY_RESULTS.mkdir(parents=True, exist_ok=True)
+    markdown = findings_markdown(study, outcomes, findings, command or f"spanflow study --file {study.path}")
+    atomic_write_text(STUDY_RESULTS / "findings.md", markdown)
+    summary = {
+        "study": study.name,
+        "steps": study.steps,
+        "experiments": {
+            n: {
+                k: o.metrics[k]
+                for k in ("exact_match", "f1", "train_seconds", "train_peak_rss_mb", "trainable_params", "total_params")
+            }
+            for n, o in outcomes.items()
+        },
+        "findings": [{"claim": f.claim.claim, "measured": f.measured, "verdict": f.verdict} for f in findings],
+        "mlflow_parent_run_id": parent_id,
+    }
+    atomic_write_json(STUDY_RESULTS / "summary.json", summary)
+    plots = [pareto_plot(outcomes, STUDY_RESULTS / "pareto.png")]
+    if study.data_curve:
+        plots.append(data_curve_plot([outcomes[n] for n in study.data_curve], STUDY_RESULTS / "data_curve.png"))
+    with mlflow.start_run(run_id=parent_id):
+        mlflow.log_metrics({f"{n}_dev_f1": o.metrics["f1"] for n, o in outcomes.items()})
+        mlflow.log_artifact(str(STUDY_RESULTS / "findings.md"), "study")
+        mlflow.log_artifact(str(STUDY_RESULTS / "summary.json"), "study")
+        for plot in plots:
+            mlflow.log_artifact(str(plot), "study")
+    print(markdown)
+    return summary
+
+
+study_task = task(study_stage, name="study", cache_policy=NO_CACHE)
