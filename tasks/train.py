@@ -73,6 +73,8 @@ def _start_run(cfg: Config, resume: bool) -> mlflow.ActiveRun:
         run_name += f"-r{cfg.method.lora.rank}"
     elif cfg.method.name == "freeze":
         run_name += f"-k{cfg.method.freeze.trainable_layers}"
+    elif cfg.method.name == "prompt":
+        run_name += f"-p{cfg.method.prompt.tokens}"
     return mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
 
 

@@ -25,6 +25,8 @@ from transformers.utils import logging as hf_logging
 from spanflow.config import MethodConfig, ModelConfig
 from spanflow.models.adapters import CONFIG_KEY as ADAPTER_CONFIG_KEY
 from spanflow.models.adapters import adapter_places, add_adapters, restore_adapters
+from spanflow.models.soft_prompt import CONFIG_KEY as PROMPT_CONFIG_KEY
+from spanflow.models.soft_prompt import add_soft_prompt, restore_soft_prompt
 
 QA_HEAD = "qa_outputs"
 # where each model family keeps its dropout rates: BERT/ALBERT/RoBERTa first, then DistilBERT and others
@@ -154,6 +156,14 @@ def _adapter(backbone: PreTrainedModel, cfg: MethodConfig) -> torch.nn.Module:
     return _norms_and_head_train(backbone)
 
 
+def _prompt(backbone: PreTrainedModel, cfg: MethodConfig) -> torch.nn.Module:
+    """Soft prompt tuning: `method.prompt.tokens` learned virtual tokens before each chunk
+    (spanflow/models/soft_prompt.py); they and the QA head train, the backbone stays."""
+    backbone.requires_grad_(False)
+    getattr(backbone, QA_HEAD).requires_grad_(True)
+    return add_soft_prompt(backbone, cfg.prompt.tokens, cfg.prompt.init)  # the new prompt trains
+
+
 def _lora(backbone: PreTrainedModel, cfg: MethodConfig) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
@@ -180,6 +190,7 @@ METHODS: dict[str, Callable[[PreTrainedModel, MethodConfig], torch.nn.Module]] =
     "lora": _lora,
     "freeze": _freeze,
     "adapter": _adapter,
+    "prompt": _prompt,
 }
 
 
@@ -191,8 +202,9 @@ def apply_method(backbone: PreTrainedModel, cfg: MethodConfig) -> PreparedModel:
     return PreparedModel(model, trainable, total)
 
 
-def export_merged(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> PreTrainedModel:
-    """Save a plain Hugging Face QA model (LoRA merged into the base weights) with its tokenizer."""
+def export_merged(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> torch.nn.Module:
+    """Save a plain Hugging Face QA model (LoRA merged into the base weights; adapters and a soft prompt kept as
+    parts its config names) with its tokenizer."""
     plain = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     out_dir.mkdir(parents=True, exist_ok=True)
     plain.save_pretrained(out_dir)
@@ -200,18 +212,23 @@ def export_merged(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, ou
     return plain
 
 
-def load_trained(model_dir: str | Path) -> PreTrainedModel:
-    """A QA model saved by `export_merged`, in fp32 on the CPU, in eval mode, with its adapters if it has any."""
+def load_trained(model_dir: str | Path) -> torch.nn.Module:
+    """A QA model saved by `export_merged`, in fp32 on the CPU, in eval mode, with its adapters or its soft prompt
+    (then behind `SoftPromptQA`) if it has them."""
     config = AutoConfig.from_pretrained(model_dir)
-    if not getattr(config, ADAPTER_CONFIG_KEY, None):
+    adapters, prompt = getattr(config, ADAPTER_CONFIG_KEY, None), getattr(config, PROMPT_CONFIG_KEY, None)
+    if not adapters and not prompt:
         return AutoModelForQuestionAnswering.from_pretrained(model_dir, dtype=torch.float32).eval()
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the adapters' weights are "unexpected" to transformers: restored below
+    hf_logging.set_verbosity_error()  # the adapters' or prompt's weights are "unexpected" to transformers: below
     try:
         model = AutoModelForQuestionAnswering.from_pretrained(model_dir, dtype=torch.float32)
     finally:
         hf_logging.set_verbosity(verbosity)
-    restore_adapters(model, Path(model_dir), transformer_layers(model, "adapter"))
+    if adapters:
+        restore_adapters(model, Path(model_dir), transformer_layers(model, "adapter"))
+    if prompt:
+        return restore_soft_prompt(model, Path(model_dir)).eval()
     return model.eval()
 
 
