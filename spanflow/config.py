@@ -16,7 +16,7 @@ from spanflow.answering.onnx_runtime import RUNTIMES
 from spanflow.answering.spans import DEFAULT_SPAN_SCORING, SPAN_SCORINGS
 
 DEFAULT_PARAMS = Path("params.yaml")
-METHOD_NAMES = ("lora", "full", "freeze", "adapter", "layer_mix")  # spanflow/models/modeling.py: METHODS
+METHOD_NAMES = ("lora", "full", "freeze", "adapter", "layer_mix", "prompt")  # spanflow/models/modeling.py: METHODS
 
 
 class ConfigError(ValueError):
@@ -88,18 +88,33 @@ class LayerMixConfig:
     embeddings: bool = True  # the embeddings' output is one of the mixed states (L + 1 of them), else the L layers'
 
 
+PROMPT_INITS = ("vocab", "random")  # spanflow/models/soft_prompt.py
+
+
+@dataclass
+class PromptConfig:
+    tokens: int = 20  # learned virtual tokens before each chunk (>= 1); they take that many of its chunk_length
+    init: str = "vocab"  # vocab: copies of randomly drawn word embeddings | random: normal at their spread
+
+
 @dataclass
 class MethodConfig:
-    name: str = "lora"  # lora | full | freeze | adapter | layer_mix
+    name: str = "lora"  # lora | full | freeze | adapter | layer_mix | prompt
     lora: LoraConfig = field(default_factory=LoraConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     layer_mix: LayerMixConfig = field(default_factory=LayerMixConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
 
     @property
     def uses_lora(self) -> bool:
         """Whether the method trains LoRA adapters (and method.lora.* and the searched ranks mean something)."""
         return self.name == "lora" or (self.name == "layer_mix" and self.layer_mix.backbone == "lora")
+
+    @property
+    def virtual_tokens(self) -> int:
+        """Positions of a chunk the method fills before the tokenizer's: method.prompt.tokens for prompt, else 0."""
+        return self.prompt.tokens if self.name == "prompt" else 0
 
 
 @dataclass
@@ -358,10 +373,13 @@ def _validate(cfg: Config) -> None:
     f = cfg.features
     if f.chunk_length < 16:
         raise ConfigError(f"features.chunk_length: {f.chunk_length} is too small (>= 16)")
-    if not 0 <= f.overlap < f.chunk_length - f.max_query_length - 3:
+    _validate_prompt(cfg)
+    virtual = cfg.method.virtual_tokens
+    if not 0 <= f.overlap < f.chunk_length - virtual - f.max_query_length - 3:
+        prompt = f" after method.prompt.tokens={virtual} virtual tokens" if virtual else ""
         raise ConfigError(
             f"features.overlap: {f.overlap} must be >= 0 and leave room for context in a chunk of "
-            f"{f.chunk_length} tokens with a question of up to {f.max_query_length} tokens"
+            f"{f.chunk_length} tokens with a question of up to {f.max_query_length} tokens{prompt}"
         )
     for key in ("attention_dropout", "hidden_dropout"):
         value = getattr(cfg.model, key)
@@ -420,6 +438,20 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"train.{key}: {getattr(cfg.train, key)} must be >= 0")
     _validate_search(cfg)
     _validate_registry_serving_schedule(cfg)
+
+
+def _validate_prompt(cfg: Config) -> None:
+    p, f = cfg.method.prompt, cfg.features
+    if p.tokens < 1:
+        raise ConfigError(f"method.prompt.tokens: {p.tokens} must be >= 1")
+    if p.init not in PROMPT_INITS:
+        raise ConfigError(f"method.prompt.init: {p.init!r} is not {'|'.join(PROMPT_INITS)}")
+    if cfg.method.name == "prompt" and f.chunk_length - p.tokens < f.max_query_length + 4:
+        raise ConfigError(
+            f"features.chunk_length: {f.chunk_length} leaves no room for context after method.prompt.tokens="
+            f"{p.tokens} virtual tokens and a question of up to {f.max_query_length} tokens "
+            f"(needs >= {p.tokens + f.max_query_length + 4})"
+        )
 
 
 def _validate_registry_serving_schedule(cfg: Config) -> None:

@@ -23,8 +23,14 @@ def featurize_splits(cfg: Config, out_dir: Path = FEATURES) -> dict:
     summary = {}
     for split in ("train", "val"):
         records = split_records(split, cfg.train.include_validation)
+        f = cfg.features
         feats = featurize(
-            records, tokenizer, cfg.features.chunk_length, cfg.features.overlap, cfg.features.max_query_length
+            records,
+            tokenizer,
+            f.chunk_length,
+            f.overlap,
+            f.max_query_length,
+            virtual_tokens=cfg.method.virtual_tokens,  # a soft prompt's: the tokenizer gets the rest of the chunk
         )
         save_features(feats, out_dir / f"{split}.pt", meta)
         counts = chunk_counts(feats, len(records))

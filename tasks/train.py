@@ -78,6 +78,8 @@ def _start_run(cfg: Config, resume: bool) -> mlflow.ActiveRun:
         run_name += f"-k{cfg.method.freeze.trainable_layers}"
     elif cfg.method.name == "layer_mix":
         run_name += f"-{cfg.method.layer_mix.backbone}" + (f"-r{cfg.method.lora.rank}" if cfg.method.uses_lora else "")
+    elif cfg.method.name == "prompt":
+        run_name += f"-p{cfg.method.prompt.tokens}"
     parent = {"mlflow.parentRunId": cfg.tracking.parent_run_id} if cfg.tracking.parent_run_id else None
     return mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=parent)
 

@@ -594,10 +594,10 @@ def test_max_steps_caps_the_run(train) -> None:
 # --------------------------------------------------------------------------- checkpoints
 
 
-@pytest.mark.parametrize("method", ["lora", "freeze", "adapter", "layer_mix"])
+@pytest.mark.parametrize("method", ["lora", "freeze", "adapter", "layer_mix", "prompt"])
 def test_killed_run_resumes_from_its_checkpoint(train, tmp_path: Path, method: str) -> None:
     overrides = [*FAST, "train.epochs=3", f"method.name={method}", "method.freeze.trainable_layers=1"]
-    overrides.append("method.adapter.size=8")
+    overrides += ["method.adapter.size=8", "method.prompt.tokens=4"]
     full = train(overrides, ckpt_dir=tmp_path / "full")
     assert [p.name for p in (tmp_path / "full").iterdir()] == ["epoch-3.pt"]  # only the latest is kept
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer
 
 from spanflow.answering.onnx_runtime import OnnxQAModel, ensure_onnx
 from spanflow.answering.spans import DEFAULT_SPAN_SCORING, Answer, answer_texts, best_spans
@@ -19,6 +19,7 @@ from spanflow.data.features import Features, Record, featurize
 from spanflow.models.ensemble import EnsembleQAModel, check_shared_tokenizer
 from spanflow.models.modeling import load_trained
 from spanflow.models.qa_loss import span_loss
+from spanflow.models.soft_prompt import virtual_tokens
 from spanflow.paths import ONNX_CACHE
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -47,7 +48,7 @@ def autocast(
     return torch.autocast(device.type, dtype=dtype)
 
 
-def load_qa_model(model_dir: str | Path, precision: str, device: torch.device) -> PreTrainedModel:
+def load_qa_model(model_dir: str | Path, precision: str, device: torch.device) -> torch.nn.Module:
     """A saved QA model ready to answer questions: on `device`, in eval mode, its weights stored in the dtype
     of `precision` (bf16/fp16), so that no Linear casts its fp32 weight on every call as autocast does
     (bf16 weights at batch 16 ran 1.24x the questions/s of bf16 autocast at batch 64 here: benchmarks/README.md).
@@ -65,7 +66,7 @@ def load_answering_model(
     workers: int = 1,
     int8_skip_modules: list[str] | tuple[str, ...] = (),
     onnx_file: str | Path | None = None,
-) -> tuple[PreTrainedModel | OnnxQAModel, str]:
+) -> tuple[torch.nn.Module | OnnxQAModel, str]:
     """The model that answers with `runtime` (torch | onnx | onnx_int8), and the precision it computes in.
     ONNX Runtime runs on the CPU in fp32 (int8 Linears for onnx_int8), from `onnx_file` or an export of
     `model_dir` (cached in models/onnx); its `workers` batches in flight share torch's thread count."""
@@ -197,8 +198,9 @@ def answer_questions(
     workers: int = 1,
     span_scoring: str = DEFAULT_SPAN_SCORING,
 ) -> list[Answer]:
-    """Question + context of any length -> best answer span, with its own context splitting."""
-    feats = featurize(records, tokenizer, chunk_length, overlap, max_query_length)
+    """Question + context of any length -> best answer span, with its own context splitting (a soft prompt's
+    virtual tokens, which the model knows, take their share of `chunk_length`)."""
+    feats = featurize(records, tokenizer, chunk_length, overlap, max_query_length, virtual_tokens=virtual_tokens(model))
     starts, ends, _ = run_model(model, feats, batch_size, precision, tokenizer.pad_token_id, workers=workers)
     return best_spans(records, feats, starts, ends, max_answer_length, n_best, span_scoring)
 

@@ -28,6 +28,7 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUTS = ("start_logits", "end_logits")
 _SCOPES_KEY = "pkg.torch.onnx.name_scopes"  # torch.onnx (dynamo) records each node's module path here
 _WRAPPER_ATTR = "qa"
+VIRTUAL_TOKENS_KEY = "spanflow.virtual_tokens"  # model metadata: a soft prompt's share of each chunk's positions
 
 
 def export_onnx(model_dir: Path, out_file: Path) -> Path:
@@ -71,7 +72,20 @@ def export_onnx(model_dir: Path, out_file: Path) -> Path:
         verbose=False,
     )
     program.save(str(out_file))
+    _set_virtual_tokens(out_file, getattr(model, "virtual_tokens", 0))
     return out_file
+
+
+def _set_virtual_tokens(onnx_file: Path, tokens: int) -> None:
+    """Record in `onnx_file` how many virtual tokens its graph puts before each chunk, so that whoever answers with
+    it splits contexts into chunks that leave them room (`OnnxQAModel.virtual_tokens`)."""
+    import onnx
+
+    if not tokens:
+        return
+    model = onnx.load(str(onnx_file))
+    onnx.helper.set_model_props(model, {VIRTUAL_TOKENS_KEY: str(tokens)})
+    onnx.save(model, str(onnx_file))
 
 
 def linear_modules(onnx_file: Path) -> dict[str, str]:
@@ -155,6 +169,8 @@ class OnnxQAModel:
         self.path = Path(onnx_file)
         self.session = ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        self.virtual_tokens = int(metadata.get(VIRTUAL_TOKENS_KEY, 0))  # a soft prompt's (spanflow.models.soft_prompt)
 
     def logits(self, batch: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
         feed = {name: batch[name].numpy() for name in self.input_names}

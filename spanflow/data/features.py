@@ -1,4 +1,5 @@
-"""Context splitting: question + context -> overlapping chunks of at most `chunk_length` tokens.
+"""Context splitting: question + context -> overlapping chunks of at most `chunk_length` tokens (less the
+virtual tokens of a soft prompt, which fill the rest of the model's `chunk_length` positions).
 
 Consecutive chunks share `overlap` context tokens. Every chunk keeps, per token, the character
 span it covers in the context (None for question and special tokens), so that predicted token
@@ -62,10 +63,19 @@ def featurize(
     overlap: int,
     max_query_length: int = 64,
     batch_size: int = 256,
+    virtual_tokens: int = 0,
 ) -> Features:
-    """Tokenize and split every record into chunks with labels and character offsets."""
+    """Tokenize and split every record into chunks with labels and character offsets. A chunk's `chunk_length`
+    positions include the `virtual_tokens` a soft prompt puts before it (`MethodConfig.virtual_tokens` when
+    training, the saved model's when answering): the tokenizer gets the rest."""
     if not tokenizer.is_fast:
         raise ValueError("context splitting needs a fast tokenizer (offset mappings)")
+    max_length = chunk_length - virtual_tokens
+    if virtual_tokens and overlap >= max_length - max_query_length - 3:  # [CLS] question [SEP] context [SEP]
+        raise ValueError(
+            f"features.chunk_length: {chunk_length} leaves no room for context after {virtual_tokens} virtual "
+            f"tokens, a question of up to {max_query_length} tokens and an overlap of {overlap}"
+        )
     pad_right = tokenizer.padding_side == "right"
     if not pad_right:
         raise ValueError("only tokenizers that put the question first are supported")
@@ -77,7 +87,7 @@ def featurize(
             questions,
             [r["context"] for r in batch],
             truncation="only_second",
-            max_length=chunk_length,
+            max_length=max_length,
             stride=overlap,
             return_overflowing_tokens=True,
             return_offsets_mapping=True,

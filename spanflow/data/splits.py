@@ -50,6 +50,7 @@ def features_meta(cfg: Config) -> dict:
         "model": cfg.model.name_or_path,
         "revision": cfg.model.revision,
         "chunk_length": cfg.features.chunk_length,
+        "virtual_tokens": cfg.method.virtual_tokens,  # a soft prompt's share of chunk_length
         "overlap": cfg.features.overlap,
         "max_query_length": cfg.features.max_query_length,
         "train_sha256": version["train"]["content_sha256"],

@@ -28,6 +28,8 @@ from spanflow.models.adapters import adapter_places, add_adapters, restore_adapt
 from spanflow.models.layer_mix import CONFIG_KEY as LAYER_MIX_CONFIG_KEY
 from spanflow.models.layer_mix import MODULE_NAME as LAYER_MIX
 from spanflow.models.layer_mix import add_layer_mix, restore_layer_mix
+from spanflow.models.soft_prompt import CONFIG_KEY as PROMPT_CONFIG_KEY
+from spanflow.models.soft_prompt import add_soft_prompt, restore_soft_prompt
 
 QA_HEAD = "qa_outputs"
 HEAD_MODULES = (QA_HEAD, LAYER_MIX)  # new parts that start untrained: they learn at train.head_lr_ratio x the rate
@@ -158,6 +160,14 @@ def _adapter(backbone: PreTrainedModel, cfg: MethodConfig) -> torch.nn.Module:
     return _norms_and_head_train(backbone)
 
 
+def _prompt(backbone: PreTrainedModel, cfg: MethodConfig) -> torch.nn.Module:
+    """Soft prompt tuning: `method.prompt.tokens` learned virtual tokens before each chunk
+    (spanflow/models/soft_prompt.py); they and the QA head train, the backbone stays."""
+    backbone.requires_grad_(False)
+    getattr(backbone, QA_HEAD).requires_grad_(True)
+    return add_soft_prompt(backbone, cfg.prompt.tokens, cfg.prompt.init)  # the new prompt trains
+
+
 def _lora(backbone: PreTrainedModel, cfg: MethodConfig) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
@@ -200,6 +210,7 @@ METHODS: dict[str, Callable[[PreTrainedModel, MethodConfig], torch.nn.Module]] =
     "freeze": _freeze,
     "adapter": _adapter,
     "layer_mix": _layer_mix,
+    "prompt": _prompt,
 }
 
 
@@ -211,8 +222,9 @@ def apply_method(backbone: PreTrainedModel, cfg: MethodConfig) -> PreparedModel:
     return PreparedModel(model, trainable, total)
 
 
-def export_merged(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> PreTrainedModel:
-    """Save a plain Hugging Face QA model (LoRA merged into the base weights) with its tokenizer."""
+def export_merged(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> torch.nn.Module:
+    """Save a plain Hugging Face QA model (LoRA merged into the base weights; adapters and a soft prompt kept as
+    parts its config names) with its tokenizer."""
     plain = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     out_dir.mkdir(parents=True, exist_ok=True)
     plain.save_pretrained(out_dir)
@@ -220,12 +232,13 @@ def export_merged(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, ou
     return plain
 
 
-def load_trained(model_dir: str | Path) -> PreTrainedModel:
-    """A QA model saved by `export_merged`, in fp32 on the CPU, in eval mode, with its adapters or its layer mix if
-    it has any (parts that do not merge into the weights)."""
+def load_trained(model_dir: str | Path) -> torch.nn.Module:
+    """A QA model saved by `export_merged`, in fp32 on the CPU, in eval mode, with the parts that do not merge into
+    its weights if it has them: adapters, a layer mix, or a soft prompt (then behind `SoftPromptQA`)."""
     config = AutoConfig.from_pretrained(model_dir)
     adapters, layer_mix = getattr(config, ADAPTER_CONFIG_KEY, None), getattr(config, LAYER_MIX_CONFIG_KEY, None)
-    if not (adapters or layer_mix):
+    prompt = getattr(config, PROMPT_CONFIG_KEY, None)
+    if not (adapters or layer_mix or prompt):
         return AutoModelForQuestionAnswering.from_pretrained(model_dir, dtype=torch.float32).eval()
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # their weights are "unexpected" to transformers: restored below
@@ -237,6 +250,8 @@ def load_trained(model_dir: str | Path) -> PreTrainedModel:
         restore_adapters(model, Path(model_dir), transformer_layers(model, "adapter"))
     if layer_mix:
         restore_layer_mix(model, Path(model_dir))
+    if prompt:
+        return restore_soft_prompt(model, Path(model_dir)).eval()
     return model.eval()
 
 

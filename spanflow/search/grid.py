@@ -49,13 +49,15 @@ def grid_points(cfg: Config) -> list[GridPoint]:
     return [GridPoint(*p) for p in itertools.product(space["chunk_length"], space["overlap"], space["lora_rank"])]
 
 
-def skip_reason(point: GridPoint, max_query_length: int) -> str | None:
-    """Why this point cannot be trained, or None: the overlap must leave room for new context."""
-    room = point.chunk_length - max_query_length - SPECIAL_TOKENS
+def skip_reason(point: GridPoint, max_query_length: int, virtual_tokens: int = 0) -> str | None:
+    """Why this point cannot be trained, or None: the overlap must leave room for new context (after a soft
+    prompt's `virtual_tokens`, which take their share of the chunk)."""
+    room = point.chunk_length - virtual_tokens - max_query_length - SPECIAL_TOKENS
     if point.overlap >= room:
+        prompt = f"{virtual_tokens} virtual tokens and " if virtual_tokens else ""
         return (
             f"overlap {point.overlap} >= the {room} context tokens a {point.chunk_length}-token chunk keeps "
-            f"after a question of up to {max_query_length} tokens"
+            f"after {prompt}a question of up to {max_query_length} tokens"
         )
     return None
 
@@ -65,7 +67,7 @@ def split_grid(cfg: Config) -> tuple[list[GridPoint], dict[GridPoint, str]]:
     valid: list[GridPoint] = []
     skipped: dict[GridPoint, str] = {}
     for point in grid_points(cfg):
-        reason = skip_reason(point, cfg.features.max_query_length)
+        reason = skip_reason(point, cfg.features.max_query_length, cfg.method.virtual_tokens)
         if reason:
             skipped[point] = reason
         else:

@@ -152,8 +152,11 @@ class SearchWorker:
         train, val = self._records
         key = (point.chunk_length, point.overlap)
         if key not in self._chunks:
-            q = self.cfg.features.max_query_length
-            self._chunks[key] = (featurize(train, self.tokenizer, *key, q), featurize(val, self.tokenizer, *key, q))
+            q, n = self.cfg.features.max_query_length, self.cfg.method.virtual_tokens
+            self._chunks[key] = (
+                featurize(train, self.tokenizer, *key, q, virtual_tokens=n),
+                featurize(val, self.tokenizer, *key, q, virtual_tokens=n),
+            )
             self.featurize_calls += 2
         return *self._chunks[key], val
 

@@ -24,6 +24,8 @@ from spanflow.data.features import Features, Record
 from spanflow.models.lora_fused import release_fp32_bases
 from spanflow.models.modeling import HEAD_MODULES, PreparedModel, load_trainable_state, trainable_state
 from spanflow.models.qa_loss import span_loss
+from spanflow.models.soft_prompt import MODULE_NAME as PROMPT_MODULE
+from spanflow.models.soft_prompt import virtual_tokens
 from spanflow.training.allocator import keeping_heap
 from spanflow.training.passes import attention_kernel, length_sorted_passes
 from spanflow.training.progress import Progress
@@ -105,7 +107,7 @@ def accumulate_batch(
     for part in parts:
         batch = {key: v.to(device) for key, v in pad_batch(feats, part, pad_id, True, tc.pad_to_multiple_of).items()}
         starts, ends = batch.pop("start_positions"), batch.pop("end_positions")  # our loss, not the model's
-        width = batch["input_ids"].shape[1]
+        width = batch["input_ids"].shape[1] + virtual_tokens(model)  # the encoder's width: a soft prompt's too
         with autocast(device, precision), attention_kernel(device, width, tc.math_attention_max_width):
             out = model(**batch)
             loss = span_loss(out.start_logits, out.end_logits, batch["attention_mask"], starts, ends, tc.loss)
@@ -115,14 +117,15 @@ def accumulate_batch(
 
 
 def param_groups(model: torch.nn.Module, tc: TrainConfig) -> list[dict]:
-    """AdamW groups: weight decay on matrices only; the QA head (and a layer mix), which start untrained, at
-    `head_lr_ratio` times the learning rate (the scheduler scales every group alike)."""
+    """AdamW groups: weight decay on matrices only (a soft prompt is a row of token vectors, not a matrix: none);
+    the QA head (and a layer mix), which start untrained, at `head_lr_ratio` times the learning rate (the scheduler
+    scales every group alike)."""
     groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         ratio = tc.head_lr_ratio if any(h in name for h in HEAD_MODULES) else 1.0
-        decay = tc.weight_decay if p.ndim >= 2 else 0.0
+        decay = tc.weight_decay if p.ndim >= 2 and PROMPT_MODULE not in name else 0.0
         groups.setdefault((ratio, decay), []).append(p)
     return [
         {"params": ps, "lr": tc.learning_rate * ratio, "weight_decay": decay} for (ratio, decay), ps in groups.items()
