@@ -16,7 +16,9 @@ from spanflow.answering.onnx_runtime import RUNTIMES
 from spanflow.answering.spans import DEFAULT_SPAN_SCORING, SPAN_SCORINGS
 
 DEFAULT_PARAMS = Path("params.yaml")
-METHOD_NAMES = ("lora", "full", "freeze", "adapter")  # spanflow/models/modeling.py: METHODS
+METHOD_NAMES = ("lora", "full", "freeze", "adapter", "qlora")  # spanflow/models/modeling.py: METHODS
+LORA_METHODS = ("lora", "qlora")  # the methods that train LoRA adapters (method.lora.*): the grid searches their rank
+QLORA_QUANT_TYPES = ("nf4", "fp4")  # bitsandbytes' 4-bit data types
 
 
 class ConfigError(ValueError):
@@ -76,11 +78,18 @@ class AdapterConfig:
 
 
 @dataclass
+class QloraConfig:
+    quant_type: str = "nf4"  # nf4 (QLoRA's NormalFloat) | fp4: the frozen base's 4-bit data type
+    double_quant: bool = True  # quantize the per-block scales too (QLoRA's double quantization: ~0.37 bit/weight less)
+
+
+@dataclass
 class MethodConfig:
-    name: str = "lora"  # lora | full | freeze | adapter
+    name: str = "lora"  # lora | full | freeze | adapter | qlora
     lora: LoraConfig = field(default_factory=LoraConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    qlora: QloraConfig = field(default_factory=QloraConfig)
 
 
 @dataclass
@@ -349,6 +358,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"method.freeze.trainable_layers: {cfg.method.freeze.trainable_layers} must be >= 0")
     if cfg.method.adapter.size < 1:
         raise ConfigError(f"method.adapter.size: {cfg.method.adapter.size} must be >= 1")
+    if cfg.method.qlora.quant_type not in QLORA_QUANT_TYPES:
+        quant_type = cfg.method.qlora.quant_type
+        raise ConfigError(f"method.qlora.quant_type: {quant_type!r} is not {'|'.join(QLORA_QUANT_TYPES)}")
     if cfg.train.precision not in {"auto", "fp32", "bf16", "fp16"}:
         raise ConfigError(f"train.precision: {cfg.train.precision!r} is not auto|fp32|bf16|fp16")
     if cfg.train.select_by not in {"val_f1", "val_loss", "last"}:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from spanflow.config import Config
+from spanflow.config import LORA_METHODS, Config
 
 SPECIAL_TOKENS = 3  # [CLS] question [SEP] context [SEP]
 
@@ -36,10 +36,10 @@ class GridPoint:
 
 
 def grid_space(cfg: Config) -> dict[str, list[int]]:
-    """The values searched per dimension, in params.yaml order. Ranks only mean something to LoRA: other methods
-    search chunk length x overlap at the configured method.lora.rank."""
+    """The values searched per dimension, in params.yaml order. Ranks only mean something to LoRA and QLoRA: other
+    methods search chunk length x overlap at the configured method.lora.rank."""
     s = cfg.search.space
-    ranks = s.lora_rank if cfg.method.name == "lora" else [cfg.method.lora.rank]
+    ranks = s.lora_rank if cfg.method.name in LORA_METHODS else [cfg.method.lora.rank]
     return {"chunk_length": list(s.chunk_length), "overlap": list(s.overlap), "lora_rank": list(ranks)}
 
 
