@@ -16,7 +16,9 @@ from spanflow.answering.onnx_runtime import RUNTIMES
 from spanflow.answering.spans import DEFAULT_SPAN_SCORING, SPAN_SCORINGS
 
 DEFAULT_PARAMS = Path("params.yaml")
-METHOD_NAMES = ("lora", "full", "freeze", "adapter", "layer_mix", "prompt")  # spanflow/models/modeling.py: METHODS
+METHOD_NAMES = ("lora", "full", "freeze", "adapter", "layer_mix", "prompt", "qlora")  # modeling.py: METHODS
+LORA_METHODS = ("lora", "qlora")  # the methods that train LoRA adapters (method.lora.*): the grid searches their rank
+QLORA_QUANT_TYPES = ("nf4", "fp4")  # bitsandbytes' 4-bit data types
 
 
 class ConfigError(ValueError):
@@ -98,18 +100,25 @@ class PromptConfig:
 
 
 @dataclass
+class QloraConfig:
+    quant_type: str = "nf4"  # nf4 (QLoRA's NormalFloat) | fp4: the frozen base's 4-bit data type
+    double_quant: bool = True  # quantize the per-block scales too (QLoRA's double quantization: ~0.37 bit/weight less)
+
+
+@dataclass
 class MethodConfig:
-    name: str = "lora"  # lora | full | freeze | adapter | layer_mix | prompt
+    name: str = "lora"  # lora | full | freeze | adapter | layer_mix | prompt | qlora
     lora: LoraConfig = field(default_factory=LoraConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     layer_mix: LayerMixConfig = field(default_factory=LayerMixConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    qlora: QloraConfig = field(default_factory=QloraConfig)
 
     @property
     def uses_lora(self) -> bool:
         """Whether the method trains LoRA adapters (and method.lora.* and the searched ranks mean something)."""
-        return self.name == "lora" or (self.name == "layer_mix" and self.layer_mix.backbone == "lora")
+        return self.name in LORA_METHODS or (self.name == "layer_mix" and self.layer_mix.backbone == "lora")
 
     @property
     def virtual_tokens(self) -> int:
@@ -395,6 +404,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             f"method.layer_mix.backbone: {cfg.method.layer_mix.backbone!r} is not {'|'.join(LAYER_MIX_BACKBONES)}"
         )
+    if cfg.method.qlora.quant_type not in QLORA_QUANT_TYPES:
+        quant_type = cfg.method.qlora.quant_type
+        raise ConfigError(f"method.qlora.quant_type: {quant_type!r} is not {'|'.join(QLORA_QUANT_TYPES)}")
     if cfg.train.precision not in {"auto", "fp32", "bf16", "fp16"}:
         raise ConfigError(f"train.precision: {cfg.train.precision!r} is not auto|fp32|bf16|fp16")
     if cfg.train.select_by not in {"val_f1", "val_loss", "last"}:

@@ -13,8 +13,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from transformers import set_seed
 
-from spanflow.answering.inference import default_device
-from spanflow.config import Config
+from spanflow.answering.inference import default_device, resolve_precision
+from spanflow.config import LORA_METHODS, Config
 from spanflow.data.features import Features
 from spanflow.data.splits import (
     check_prepared,
@@ -72,7 +72,7 @@ def _start_run(cfg: Config, resume: bool) -> mlflow.ActiveRun:
         except FileNotFoundError:
             pass
     run_name = f"{cfg.method.name}-c{cfg.features.chunk_length}-o{cfg.features.overlap}"
-    if cfg.method.name == "lora":
+    if cfg.method.name in LORA_METHODS:
         run_name += f"-r{cfg.method.lora.rank}"
     elif cfg.method.name == "freeze":
         run_name += f"-k{cfg.method.freeze.trainable_layers}"
@@ -135,7 +135,9 @@ def train_stage(cfg: Config, resume: bool = False) -> dict:
             log_split_input(val_records, "squad-val", str(PREPARED / "val.jsonl"), "validation")
 
         set_seed(cfg.train.seed)  # the new QA head and the LoRA adapters start from the seed ...
-        prepared = apply_method(load_backbone(cfg.model), cfg.method)
+        device = default_device()
+        backbone = load_backbone(cfg.model, cfg.method, resolve_precision(cfg.train.precision, device), device)
+        prepared = apply_method(backbone, cfg.method)
         warm, skipped = warm_start_file(cfg, best), 0
         if warm is not None:  # ... or from the search's best trial
             loaded = load_warm_start(prepared.model, warm)
@@ -149,7 +151,7 @@ def train_stage(cfg: Config, resume: bool = False) -> dict:
                     train_feats, skipped = rest, len(seen)
                 else:  # the trials trained on every question: a second pass over them all
                     print("warm start: the trials trained on every training question; the final model trains on all")
-        prepared.model.to(default_device())
+        prepared.model.to(device)
         print(
             f"method {cfg.method.name}: {prepared.trainable_params:,} of {prepared.total_params:,} parameters trainable"
         )

@@ -266,12 +266,13 @@ def test_bad_search_settings_name_the_key(override: str, named: str) -> None:
         load_config(None, [override])
 
 
-def test_ranks_are_searched_for_lora_only() -> None:
+def test_ranks_are_searched_for_lora_and_qlora_only() -> None:
     from spanflow.search.grid import grid_points, grid_space
 
     lora = grid_points(load_config(None, ["search.space.lora_rank=[4, 8]"]))
     full = grid_points(load_config(None, ["search.space.lora_rank=[4, 8]", "method.name=full"]))
     assert len(lora) == 2 * len(full)
+    assert grid_points(load_config(None, ["search.space.lora_rank=[4, 8]", "method.name=qlora"])) == lora
     assert {p.lora_rank for p in full} == {16}  # method.lora.rank, unused by full fine-tuning
     # the sampler's grid is the points' own: a rank-less method searches at the configured rank, not the listed ones
     freeze = load_config(None, ["search.space.lora_rank=[4, 8]", "method.name=freeze"])

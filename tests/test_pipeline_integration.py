@@ -330,3 +330,46 @@ def test_cli_rejects_unknown_override_key(project: Path) -> None:
     )
     assert proc.returncode == 2
     assert "train.epochz" in proc.stderr
+
+
+BACKBONES = {"bert": make_tiny_model_dir}  # name -> builder of a tiny local model (tests/helpers.py)
+
+
+@pytest.mark.parametrize(("backbone", "method"), [("bert", "qlora")])
+def test_spanflow_run_trains_evaluates_and_registers_on_a_backbone_by_a_method(
+    project: Path, prefect_server: str, tmp_path: Path, backbone: str, method: str
+) -> None:
+    """`spanflow run --set method.name=...` with `model.name_or_path` a tiny local model: the search, training,
+    evaluation and registration run; the saved model is a plain fp32 model that the registered pyfunc answers with."""
+    import mlflow
+    import pandas as pd
+
+    model_dir = BACKBONES[backbone](tmp_path / f"tiny-{backbone}")
+    overrides = [f"model.name_or_path={model_dir}", f"method.name={method}", "train.max_steps=3"]
+    overrides += ["search.space.chunk_length=[96]", "search.space.overlap=[32]", "search.trial.max_steps=2"]
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_API_URL": prefect_server}
+    run = subprocess.run(
+        [str(BIN / "spanflow"), "run", *(arg for o in overrides for arg in ("--set", o))],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "kernels-community" not in run.stdout + run.stderr  # bitsandbytes' note about a Hub kernel is quieted
+    train = json.loads((project / "models/final/train.json").read_text())
+    assert train["method"] == method and train["steps"] == 3 and train["warm_start"]
+    assert 0 < train["trainable_params"] < train["total_params"]
+    metrics = json.loads((project / "results/metrics.json").read_text())
+    assert 0 <= metrics["f1"] <= 100 and metrics["dev_questions"] == 40
+    assert metrics["train_peak_rss_mb"] > 0 and metrics["eval_peak_rss_mb"] > 0
+    saved = json.loads((project / "models/final/hf/config.json").read_text())
+    assert "quantization_config" not in saved and saved["model_type"] == backbone
+
+    version = json.loads((project / "results/registered.json").read_text())["version"]
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model(f"models:/spanflow-qa-test/{version}")
+    context = "The harbour of Vester was founded by Brenna Holm in 1843. It can hold 120 ships."
+    question = "Who founded the harbour of Vester?"
+    row = model.predict(pd.DataFrame({"question": [question], "context": [context]})).iloc[0]
+    assert row["answer"] and context[row["start"] : row["end"]] == row["answer"]

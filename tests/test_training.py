@@ -109,7 +109,8 @@ def train(model_dir: Path, tokenizer, records: list[dict], feats: Features, tmp_
         # LoRA's init draws from the global RNG, which train_model only seeds afterwards: seed it here so that
         # a run does not depend on what ran before it in this process
         set_seed(cfg.train.seed if init_seed is None else init_seed)
-        prepared = apply_method(load_backbone(cfg.model), cfg.method)
+        backbone = load_backbone(cfg.model, cfg.method, resolve_precision(cfg.train.precision, CPU))  # qlora: 4-bit
+        prepared = apply_method(backbone, cfg.method)
         weights: dict[int, dict[str, torch.Tensor]] = {}
 
         def on_epoch(stats: EpochStats) -> None:
@@ -594,8 +595,9 @@ def test_max_steps_caps_the_run(train) -> None:
 # --------------------------------------------------------------------------- checkpoints
 
 
-@pytest.mark.parametrize("method", ["lora", "freeze", "adapter", "layer_mix", "prompt"])
+@pytest.mark.parametrize("method", ["lora", "freeze", "adapter", "layer_mix", "prompt", "qlora"])
 def test_killed_run_resumes_from_its_checkpoint(train, tmp_path: Path, method: str) -> None:
+    """qlora: the resumed run quantizes a fresh base and puts the LoRA weights and the head back onto it."""
     overrides = [*FAST, "train.epochs=3", f"method.name={method}", "method.freeze.trainable_layers=1"]
     overrides += ["method.adapter.size=8", "method.prompt.tokens=4"]
     full = train(overrides, ckpt_dir=tmp_path / "full")

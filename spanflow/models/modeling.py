@@ -23,15 +23,16 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from spanflow.config import MethodConfig, ModelConfig
+from spanflow.models import qlora
 from spanflow.models.adapters import CONFIG_KEY as ADAPTER_CONFIG_KEY
 from spanflow.models.adapters import adapter_places, add_adapters, restore_adapters
 from spanflow.models.layer_mix import CONFIG_KEY as LAYER_MIX_CONFIG_KEY
 from spanflow.models.layer_mix import MODULE_NAME as LAYER_MIX
 from spanflow.models.layer_mix import add_layer_mix, restore_layer_mix
+from spanflow.models.qlora import QA_HEAD
 from spanflow.models.soft_prompt import CONFIG_KEY as PROMPT_CONFIG_KEY
 from spanflow.models.soft_prompt import add_soft_prompt, restore_soft_prompt
 
-QA_HEAD = "qa_outputs"
 HEAD_MODULES = (QA_HEAD, LAYER_MIX)  # new parts that start untrained: they learn at train.head_lr_ratio x the rate
 # where each model family keeps its dropout rates: BERT/ALBERT/RoBERTa first, then DistilBERT and others
 DROPOUT_KEYS = {
@@ -82,17 +83,25 @@ def backbone_config(cfg: ModelConfig) -> PretrainedConfig:
     return config
 
 
-def load_backbone(cfg: ModelConfig) -> PreTrainedModel:
-    """Encoder with a QA head (the head starts untrained when the checkpoint has none)."""
+def load_backbone(
+    cfg: ModelConfig, method: MethodConfig | None = None, precision: str = "fp32", device: torch.device | None = None
+) -> PreTrainedModel:
+    """Encoder with a QA head (the head starts untrained when the checkpoint has none), its weights in fp32 (training
+    keeps fp32 weights under autocast, whatever dtype the checkpoint was saved in). A method that wants its frozen
+    base loaded otherwise says so here: qlora quantizes it to 4 bits as it loads, on `device` (default: the CPU),
+    computing in the dtype of `precision` (train.precision resolved: fp32 | bf16 | fp16)."""
     config = backbone_config(cfg)
+    quantized = method is not None and method.name == "qlora"
+    options = qlora.load_kwargs(method.qlora, precision, device or torch.device("cpu")) if quantized else {}
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "qa_outputs newly initialized" report is expected
     try:
-        return AutoModelForQuestionAnswering.from_pretrained(
-            resolve_model_path(cfg.name_or_path), revision=cfg.revision, config=config
+        model = AutoModelForQuestionAnswering.from_pretrained(
+            resolve_model_path(cfg.name_or_path), revision=cfg.revision, config=config, dtype=torch.float32, **options
         )
     finally:
         hf_logging.set_verbosity(verbosity)
+    return qlora.ready_for_training(model) if quantized else model
 
 
 @dataclass
@@ -103,8 +112,9 @@ class PreparedModel:
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) weights; a 4-bit weight counts the weights it holds, not its bytes."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    return trainable, sum(qlora.quantized_numel(p) for p in model.parameters())
 
 
 def _full(backbone: PreTrainedModel, cfg: MethodConfig) -> torch.nn.Module:
@@ -169,6 +179,7 @@ def _prompt(backbone: PreTrainedModel, cfg: MethodConfig) -> torch.nn.Module:
 
 
 def _lora(backbone: PreTrainedModel, cfg: MethodConfig) -> torch.nn.Module:
+    """LoRA adapters of `method.lora` on `target_modules`; they and the QA head train. Also the adapters of qlora."""
     from peft import LoraConfig, get_peft_model
 
     lora = cfg.lora
@@ -182,7 +193,9 @@ def _lora(backbone: PreTrainedModel, cfg: MethodConfig) -> torch.nn.Module:
     with warnings.catch_warnings():  # PEFT asks transformers 5 by a name it deprecates; nothing for a user to do
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         model = get_peft_model(backbone, peft_cfg)
-    if lora.fused:
+    # The fused path multiplies by the base's dense weight; a 4-bit base holds packed NF4/FP4 codes that bitsandbytes
+    # dequantizes on every call (its LoRA Linears are PEFT's bnb class, which fuse_lora leaves alone): nothing to fuse.
+    if lora.fused and not qlora.is_quantized(backbone):
         from spanflow.models.lora_fused import fuse_lora
 
         fuse_lora(model)
@@ -204,6 +217,16 @@ def _layer_mix(backbone: PreTrainedModel, cfg: MethodConfig) -> torch.nn.Module:
     return model
 
 
+def _qlora(backbone: PreTrainedModel, cfg: MethodConfig) -> torch.nn.Module:
+    """LoRA (`method.lora`) over a base loaded in 4 bits (`load_backbone` with this method): the adapters and the fp32
+    QA head train, the 4-bit base stays frozen."""
+    if not qlora.is_quantized(backbone):
+        raise ValueError("method qlora: the backbone is not quantized; load it with load_backbone(model, method, ...)")
+    if not isinstance(getattr(backbone, QA_HEAD), torch.nn.Linear) or QA_HEAD in qlora.linear4bit_modules(backbone):
+        raise ValueError(f"method qlora: the QA head {QA_HEAD} must stay out of 4 bits")
+    return _lora(backbone, cfg)
+
+
 METHODS: dict[str, Callable[[PreTrainedModel, MethodConfig], torch.nn.Module]] = {
     "full": _full,
     "lora": _lora,
@@ -211,6 +234,7 @@ METHODS: dict[str, Callable[[PreTrainedModel, MethodConfig], torch.nn.Module]] =
     "adapter": _adapter,
     "layer_mix": _layer_mix,
     "prompt": _prompt,
+    "qlora": _qlora,
 }
 
 
@@ -223,9 +247,12 @@ def apply_method(backbone: PreTrainedModel, cfg: MethodConfig) -> PreparedModel:
 
 
 def export_merged(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> torch.nn.Module:
-    """Save a plain Hugging Face QA model (LoRA merged into the base weights; adapters and a soft prompt kept as
-    parts its config names) with its tokenizer."""
-    plain = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    """Save a plain Hugging Face QA model (LoRA merged into the base weights, a 4-bit base dequantized to fp32 first;
+    adapters, a layer mix and a soft prompt kept as parts its config names) with its tokenizer."""
+    if qlora.is_quantized(model):
+        plain = qlora.merged_fp32_model(model)
+    else:
+        plain = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     out_dir.mkdir(parents=True, exist_ok=True)
     plain.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

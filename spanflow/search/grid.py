@@ -36,7 +36,7 @@ class GridPoint:
 
 
 def grid_space(cfg: Config) -> dict[str, list[int]]:
-    """The values searched per dimension, in params.yaml order. Ranks only mean something to LoRA (method lora, or
+    """The values searched per dimension, in params.yaml order. Ranks only mean something to LoRA (lora, qlora, or
     layer_mix over a LoRA backbone): other methods search chunk length x overlap at the configured method.lora.rank."""
     s = cfg.search.space
     ranks = s.lora_rank if cfg.method.uses_lora else [cfg.method.lora.rank]

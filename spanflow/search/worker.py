@@ -24,7 +24,7 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 from transformers import set_seed
 
-from spanflow.answering.inference import default_device
+from spanflow.answering.inference import default_device, resolve_precision
 from spanflow.config import Config
 from spanflow.data.features import Features, Record, featurize
 from spanflow.data.splits import sample_questions, trial_train_records
@@ -139,7 +139,9 @@ class SearchWorker:
     def backbone(self) -> torch.nn.Module:
         if self._backbone is None:
             set_seed(self.cfg.train.seed)  # the QA head starts from the seed
-            self._backbone = load_backbone(self.cfg.model)
+            device = default_device()
+            precision = resolve_precision(self.cfg.train.precision, device)
+            self._backbone = load_backbone(self.cfg.model, self.cfg.method, precision, device)
             self.backbone_loads += 1
         return self._backbone
 
