@@ -67,7 +67,7 @@ class LoraConfig:
     rank: int = 16
     alpha: int = 32
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["query", "key", "value", "dense"])
+    target_modules: list[str] | str = "auto"  # Linear names, or auto: the attention and FFN Linears of the model type
     fused: bool = True  # spanflow's fused LoRA Linear (spanflow/models/lora_fused.py); false: PEFT's own forward
 
 
@@ -325,10 +325,19 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return _build(typ, value, key)
-    if isinstance(typ, types.UnionType):  # X | None
-        if value is None:
+    if isinstance(typ, types.UnionType):  # X | None, or X | Y: the first that takes the value
+        if value is None and type(None) in get_args(typ):
             return None
-        typ = next(t for t in get_args(typ) if t is not type(None))
+        options = [t for t in get_args(typ) if t is not type(None)]
+        if len(options) > 1:
+            for option in options:
+                try:
+                    return _coerce(value, option, key)
+                except ConfigError:
+                    pass
+            names = " or ".join(getattr(t, "__name__", str(t)) for t in options)
+            raise ConfigError(f"{key}: expected {names}, got {value!r}")
+        typ = options[0]
     if get_origin(typ) is list:
         item = get_args(typ)[0]
         if not isinstance(value, list) or not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
@@ -404,6 +413,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             f"method.layer_mix.backbone: {cfg.method.layer_mix.backbone!r} is not {'|'.join(LAYER_MIX_BACKBONES)}"
         )
+    targets = cfg.method.lora.target_modules
+    if isinstance(targets, str) and targets != "auto" or isinstance(targets, list) and not targets:
+        raise ConfigError(f"method.lora.target_modules: {targets!r} must be auto or a non-empty list of module names")
     if cfg.method.qlora.quant_type not in QLORA_QUANT_TYPES:
         quant_type = cfg.method.qlora.quant_type
         raise ConfigError(f"method.qlora.quant_type: {quant_type!r} is not {'|'.join(QLORA_QUANT_TYPES)}")

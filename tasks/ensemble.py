@@ -9,7 +9,6 @@ from pathlib import Path
 import mlflow
 import numpy as np
 from mlflow import MlflowClient
-from transformers import AutoTokenizer
 
 from spanflow.answering.bootstrap import paired_bootstrap
 from spanflow.answering.inference import default_device, load_qa_model, model_answerer, resolve_precision
@@ -20,6 +19,7 @@ from spanflow.data.splits import check_prepared
 from spanflow.data.squad import read_jsonl
 from spanflow.io_utils import atomic_write_json
 from spanflow.models.ensemble import ENSEMBLE_RULES, EnsembleQAModel, check_shared_tokenizer
+from spanflow.models.modeling import load_saved_tokenizer
 from spanflow.paths import PREPARED, RESULTS
 from spanflow.tracking.registered_versions import registered_config, registered_files
 from spanflow.tracking.runs import git_commit, setup_mlflow
@@ -49,7 +49,7 @@ def ensemble_stage(cfg: Config, versions: list[int], rule: str = "max", register
         dirs = [model_dirs[0] for model_dirs, _ in members]
         check_shared_tokenizer(dirs)
         own = registered_config(cfg, members[0][1])
-        tokenizer = AutoTokenizer.from_pretrained(dirs[0])
+        tokenizer = load_saved_tokenizer(dirs[0])
         models = [load_qa_model(d, precision, device) for d in dirs]
         candidates = {f"v{v}": m for v, m in zip(versions, models, strict=True)}
         candidates |= {r: EnsembleQAModel(models, r) for r in ENSEMBLE_RULES}

@@ -1,7 +1,9 @@
 """Small shared test helpers: a tiny local QA model, tiny SQuAD-style records, a tiny config.
 
 Used by the unit tests and by the pipeline integration test; keep the signatures stable:
-``make_tiny_model_dir(path)``, ``tiny_records(n)``, ``tiny_config(model_dir, overrides=None)``.
+``make_tiny_model_dir(path)``, ``tiny_records(n)``, ``tiny_config(model_dir, overrides=None)``. Other backbones, built
+alike and loaded through `model.name_or_path`: ``make_tiny_albert_dir(path)`` and ``make_tiny_llama_dir(path)`` (a
+decoder with a byte-level BPE tokenizer trained here, shaped as a LLaMA tokenizer is).
 """
 
 from __future__ import annotations
@@ -40,6 +42,88 @@ def make_tiny_model_dir(path: Path) -> Path:
     )
     torch.manual_seed(0)
     model = BertForQuestionAnswering(config)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def make_tiny_albert_dir(path: Path) -> Path:
+    """A randomly initialised ALBERT QA model (one group of weights shared by 2 layers, factorised 16-wide embeddings,
+    hidden size 32) with the packaged BERT WordPiece tokenizer (ALBERT's own is a SentencePiece model: the tokenizer
+    does not change what the architecture does), saved in `path`."""
+    from transformers import AlbertConfig, AlbertForQuestionAnswering
+
+    from spanflow.models.modeling import load_tokenizer
+
+    path = Path(path)
+    tokenizer = load_tokenizer(ModelConfig())
+    config = AlbertConfig(
+        vocab_size=len(tokenizer),
+        embedding_size=16,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = AlbertForQuestionAnswering(config)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def make_llama_style_tokenizer(vocab_size: int = 400):
+    """A byte-level BPE tokenizer trained on `tiny_records`' text, shaped as a LLaMA tokenizer is: a BOS token before
+    each sequence, an EOS token, no pad token, padding on the left, no token_type_ids, offsets that keep a word's
+    leading space (no trimming)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = [t for r in tiny_records(200) for t in (r["question"], r["context"])]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(text, trainer)
+    bos = bpe.token_to_id("<s>")
+    bpe.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B:1", special_tokens=[("<s>", bos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="</s>",
+        padding_side="left",
+        model_input_names=["input_ids", "attention_mask"],
+    )
+
+
+def make_tiny_llama_dir(path: Path) -> Path:
+    """A randomly initialised 2-layer LLaMA QA model (hidden size 32, grouped-query attention: 4 heads over 2 key/value
+    heads) with `make_llama_style_tokenizer`, saved in `path`."""
+    from transformers import LlamaConfig, LlamaForQuestionAnswering
+
+    path = Path(path)
+    tokenizer = make_llama_style_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForQuestionAnswering(config)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

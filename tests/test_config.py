@@ -21,7 +21,7 @@ def test_repo_params_load_and_match_the_file() -> None:
         for key, value in values.items():
             assert loaded[section][key] == value, f"{section}.{key}"
     assert isinstance(cfg.train.learning_rate, float)
-    assert cfg.method.lora.target_modules == ["query", "key", "value", "dense"]
+    assert cfg.method.lora.target_modules == "auto"
 
 
 def test_no_path_gives_the_dataclass_defaults() -> None:

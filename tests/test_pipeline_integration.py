@@ -16,7 +16,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.helpers import make_tiny_model_dir
+from tests.helpers import make_tiny_albert_dir, make_tiny_llama_dir, make_tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -332,21 +332,28 @@ def test_cli_rejects_unknown_override_key(project: Path) -> None:
     assert "train.epochz" in proc.stderr
 
 
-BACKBONES = {"bert": make_tiny_model_dir}  # name -> builder of a tiny local model (tests/helpers.py)
+BACKBONES = {"bert": make_tiny_model_dir, "albert": make_tiny_albert_dir, "llama": make_tiny_llama_dir}
 
 
-@pytest.mark.parametrize(("backbone", "method"), [("bert", "qlora")])
+@pytest.mark.parametrize(
+    ("backbone", "method", "search"),
+    [("bert", "qlora", True), ("albert", "lora", False), ("llama", "qlora", False)],  # the last: the QLoRA study's
+)
 def test_spanflow_run_trains_evaluates_and_registers_on_a_backbone_by_a_method(
-    project: Path, prefect_server: str, tmp_path: Path, backbone: str, method: str
+    project: Path, prefect_server: str, tmp_path: Path, backbone: str, method: str, search: bool
 ) -> None:
-    """`spanflow run --set method.name=...` with `model.name_or_path` a tiny local model: the search, training,
-    evaluation and registration run; the saved model is a plain fp32 model that the registered pyfunc answers with."""
+    """`spanflow run --set method.name=...` with `model.name_or_path` a tiny local model (tests/helpers.py): the search
+    (one point, warm start) where it runs, training, evaluation and registration; the saved model is a plain fp32
+    model that the registered pyfunc answers with, at exact characters of the context."""
     import mlflow
     import pandas as pd
 
     model_dir = BACKBONES[backbone](tmp_path / f"tiny-{backbone}")
     overrides = [f"model.name_or_path={model_dir}", f"method.name={method}", "train.max_steps=3"]
-    overrides += ["search.space.chunk_length=[96]", "search.space.overlap=[32]", "search.trial.max_steps=2"]
+    if search:
+        overrides += ["search.space.chunk_length=[96]", "search.space.overlap=[32]", "search.trial.max_steps=2"]
+    else:
+        overrides += ["search.enabled=false"]
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_API_URL": prefect_server}
     run = subprocess.run(
         [str(BIN / "spanflow"), "run", *(arg for o in overrides for arg in ("--set", o))],
@@ -358,7 +365,7 @@ def test_spanflow_run_trains_evaluates_and_registers_on_a_backbone_by_a_method(
     assert run.returncode == 0, run.stderr[-3000:]
     assert "kernels-community" not in run.stdout + run.stderr  # bitsandbytes' note about a Hub kernel is quieted
     train = json.loads((project / "models/final/train.json").read_text())
-    assert train["method"] == method and train["steps"] == 3 and train["warm_start"]
+    assert train["method"] == method and train["steps"] == 3 and bool(train["warm_start"]) == search
     assert 0 < train["trainable_params"] < train["total_params"]
     metrics = json.loads((project / "results/metrics.json").read_text())
     assert 0 <= metrics["f1"] <= 100 and metrics["dev_questions"] == 40
@@ -367,8 +374,11 @@ def test_spanflow_run_trains_evaluates_and_registers_on_a_backbone_by_a_method(
     assert "quantization_config" not in saved and saved["model_type"] == backbone
 
     version = json.loads((project / "results/registered.json").read_text())["version"]
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    model = mlflow.pyfunc.load_model(f"models:/spanflow-qa-test/{version}")
+    uri = f"sqlite:///{project / 'mlflow.db'}"  # named here: the process may still resolve an earlier test's registry
+    source = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_download_uri(
+        "spanflow-qa-test", str(version)
+    )
+    model = mlflow.pyfunc.load_model(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp_path)))
     context = "The harbour of Vester was founded by Brenna Holm in 1843. It can hold 120 ships."
     question = "Who founded the harbour of Vester?"
     row = model.predict(pd.DataFrame({"question": [question], "context": [context]})).iloc[0]

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer
 
 from spanflow.answering.onnx_runtime import OnnxQAModel, ensure_onnx
 from spanflow.answering.spans import DEFAULT_SPAN_SCORING, Answer, answer_texts, best_spans
 from spanflow.config import Config
 from spanflow.data.features import Features, Record, featurize
 from spanflow.models.ensemble import EnsembleQAModel, check_shared_tokenizer
-from spanflow.models.modeling import load_trained
+from spanflow.models.modeling import load_saved_tokenizer, load_trained, takes_token_type_ids
 from spanflow.models.qa_loss import span_loss
 from spanflow.models.soft_prompt import virtual_tokens
 from spanflow.paths import ONNX_CACHE
@@ -96,9 +95,10 @@ def padded_width(length: int, multiple_of: int) -> int:
 
 
 def pad_batch(
-    feats: Features, idx: list[int], pad_id: int, with_labels: bool, multiple_of: int = 1
+    feats: Features, idx: list[int], pad_id: int, with_labels: bool, multiple_of: int = 1, token_types: bool = True
 ) -> dict[str, torch.Tensor]:
-    """Dynamic padding: pad to the longest chunk of this batch, rounded up to `multiple_of` tokens."""
+    """Dynamic padding: pad to the longest chunk of this batch, rounded up to `multiple_of` tokens, on the right.
+    `token_types`: whether the model takes token_type_ids (a decoder has none to give them to)."""
     width = padded_width(max(len(feats.input_ids[i]) for i in idx), multiple_of)
     ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
     types = torch.zeros((len(idx), width), dtype=torch.long)
@@ -109,6 +109,8 @@ def pad_batch(
         types[row, :n] = torch.tensor(feats.token_type_ids[i])
         mask[row, :n] = 1
     batch = {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
+    if not token_types:
+        del batch["token_type_ids"]
     if with_labels:
         batch["start_positions"] = torch.tensor([feats.start_positions[i] for i in idx])
         batch["end_positions"] = torch.tensor([feats.end_positions[i] for i in idx])
@@ -147,9 +149,10 @@ def run_model(
     starts: list[np.ndarray] = [np.empty(0)] * len(feats)
     ends: list[np.ndarray] = [np.empty(0)] * len(feats)
     threads = torch.get_num_threads()
+    token_types = onnx or takes_token_type_ids(model)  # an ONNX session picks the inputs it has
 
     def forward(idx: list[int]) -> tuple[list[int], np.ndarray, np.ndarray, float]:
-        batch = {k: v.to(device) for k, v in pad_batch(feats, idx, pad_id, with_loss).items()}
+        batch = {k: v.to(device) for k, v in pad_batch(feats, idx, pad_id, with_loss, 1, token_types).items()}
         if onnx:
             return idx, *model.logits(batch), 0.0
         labels = (batch.pop("start_positions"), batch.pop("end_positions")) if with_loss else None
@@ -217,7 +220,7 @@ def records_answerer(cfg: Config, model_dir: Path) -> tuple[Callable[[list[Recor
         cfg.eval.workers,
         cfg.eval.int8_skip_modules,
     )
-    return model_answerer(cfg, model, AutoTokenizer.from_pretrained(model_dir), precision), precision
+    return model_answerer(cfg, model, load_saved_tokenizer(model_dir), precision), precision
 
 
 def model_answerer(

@@ -34,9 +34,8 @@ VIRTUAL_TOKENS_KEY = "spanflow.virtual_tokens"  # model metadata: a soft prompt'
 def export_onnx(model_dir: Path, out_file: Path) -> Path:
     """Export the saved QA model in `model_dir` (fp32) to `out_file`, batch and sequence length dynamic."""
     import torch
-    from transformers import AutoTokenizer
 
-    from spanflow.models.modeling import load_trained
+    from spanflow.models.modeling import load_saved_tokenizer, load_trained, takes_token_type_ids
 
     class SpanLogits(torch.nn.Module):  # named tensors in, (start_logits, end_logits) out
         def __init__(self, model: torch.nn.Module) -> None:
@@ -53,9 +52,11 @@ def export_onnx(model_dir: Path, out_file: Path) -> Path:
             out = getattr(self, _WRAPPER_ATTR)(**{k: v for k, v in inputs.items() if v is not None})
             return out.start_logits, out.end_logits
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_saved_tokenizer(model_dir)
     model = load_trained(model_dir)
     names = [n for n in MODEL_INPUTS if n in tokenizer.model_input_names]
+    if not takes_token_type_ids(model):  # a decoder has no token types, whatever its tokenizer gives
+        names = [n for n in names if n != "token_type_ids"]
     example = tokenizer(["What is it?"] * 2, ["It is an example, two rows long."] * 2, return_tensors="pt")
     kwargs = {n: example[n] for n in names}
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")

@@ -7,7 +7,8 @@ Two rules score a span (`eval.span_scoring`); both compare a question's spans ac
   answers, for users moving off it. It ranks by the log of the summed probability (`Answer.score`).
 - `logit_sum`: start logit + end logit, as Hugging Face's `run_qa.py` post-processing.
 Under both, a span that cuts a word (starts on the word piece "##enna" of "Brenna") is widened to the whole word,
-as the pipeline's `align_to_words` does.
+as the pipeline's `align_to_words` does, and one that starts or ends on blanks loses them (byte-level BPE tokenizers,
+LLaMA's, give a word's token the space before it: " Brenna"); a span of blanks alone is no answer.
 Over 10 trained models chunk_softmax scored EM +0.27 and F1 -0.02 on average against logit_sum on held-out
 questions: as accurate, with the pipeline's answers (benchmarks/README.md, twelfth round).
 
@@ -85,6 +86,15 @@ def _joins(c: str) -> bool:
     return c.isalnum() and not 0x3400 <= ord(c) <= 0x9FFF and not 0xF900 <= ord(c) <= 0xFAFF
 
 
+def strip_blanks(context: str, start: int, end: int) -> tuple[int, int]:
+    """Character span [start, end) without the blanks at its ends (empty when it holds only blanks)."""
+    while start < end and context[start].isspace():
+        start += 1
+    while end > start and context[end - 1].isspace():
+        end -= 1
+    return start, end
+
+
 def widen_to_words(context: str, start: int, end: int) -> tuple[int, int]:
     """Character span [start, end) widened to whole words where it cuts one: a span that starts on a word
     piece ("##enna" of "Brenna") takes the word's beginning, one that ends inside a word its end."""
@@ -132,7 +142,9 @@ def best_spans(
             keep = PIPELINE_SPANS_PER_CHUNK if pipeline else 1
             in_chunk: dict[str, float] = {}
             for score, i, j in _chunk_spans(s_log, e_log, is_ctx, max_answer_length, n_best, keep):
-                start_char, end_char = offsets[i][0], offsets[j][1]
+                start_char, end_char = strip_blanks(record["context"], offsets[i][0], offsets[j][1])
+                if start_char == end_char:
+                    continue
                 if whole_words:
                     start_char, end_char = widen_to_words(record["context"], start_char, end_char)
                 text = record["context"][start_char:end_char]

@@ -3,8 +3,15 @@ virtual tokens of a soft prompt, which fill the rest of the model's `chunk_lengt
 
 Consecutive chunks share `overlap` context tokens. Every chunk keeps, per token, the character
 span it covers in the context (None for question and special tokens), so that predicted token
-spans map back to answer text. Training labels point at the answer tokens, or at [CLS] (index 0)
-when the chunk does not hold the whole answer (or the question has none).
+spans map back to answer text. Training labels point at the answer tokens, or at index 0 when the
+chunk does not hold the whole answer (or the question has none).
+
+Every backbone gets one layout: the question first, then the context. A decoder reads left to right,
+so the context's tokens see the question only this way round. Index 0, the no-answer position, is
+[CLS] for an encoder (BERT, ALBERT) and the BOS token for a decoder whose tokenizer adds one (LLaMA);
+otherwise it is the question's first token. It is never an answer: only context tokens have
+character offsets, and span decoding keeps to them. Chunks are not padded here (`pad_batch` pads on
+the right), so the tokenizer's padding side does not matter.
 """
 
 from __future__ import annotations
@@ -76,9 +83,6 @@ def featurize(
             f"features.chunk_length: {chunk_length} leaves no room for context after {virtual_tokens} virtual "
             f"tokens, a question of up to {max_query_length} tokens and an overlap of {overlap}"
         )
-    pad_right = tokenizer.padding_side == "right"
-    if not pad_right:
-        raise ValueError("only tokenizers that put the question first are supported")
     feats = Features()
     for lo in range(0, len(records), batch_size):
         batch = records[lo : lo + batch_size]
@@ -111,7 +115,7 @@ def featurize(
 
 
 def _label(record: Record, offsets: list[Offset]) -> tuple[int, int]:
-    """Token indices of the first gold answer inside this chunk, or (0, 0) for [CLS]."""
+    """Token indices of the first gold answer inside this chunk, or (0, 0): the no-answer position."""
     answers = record["answers"]
     if not answers["text"]:
         return 0, 0

@@ -15,6 +15,8 @@ import torch
 from transformers import AutoTokenizer
 from transformers.modeling_outputs import QuestionAnsweringModelOutput
 
+from spanflow.models.modeling import takes_token_type_ids
+
 ENSEMBLE_RULES = ("max", "mean")
 
 
@@ -27,6 +29,11 @@ class EnsembleQAModel(torch.nn.Module):
             raise ValueError("an ensemble needs at least one model")
         self.members = torch.nn.ModuleList(members)
         self.rule = rule
+        self._token_types = [takes_token_type_ids(m) for m in members]  # a decoder member has none
+        prompts = {int(getattr(m, "virtual_tokens", 0)) for m in members}
+        if len(prompts) > 1:
+            raise ValueError(f"ensemble: the members put different numbers of virtual tokens before a chunk {prompts}")
+        self._virtual_tokens = prompts.pop()
 
     def _combine(self, logits: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         """log of the max / mean over members of softmax over the chunk's real tokens."""
@@ -37,8 +44,18 @@ class EnsembleQAModel(torch.nn.Module):
             return log_probs.max(dim=0).values
         return torch.logsumexp(log_probs, dim=0) - math.log(len(logits))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **inputs: torch.Tensor):
-        outs = [m(input_ids=input_ids, attention_mask=attention_mask, **inputs) for m in self.members]
+    @property
+    def virtual_tokens(self) -> int:
+        """The positions a soft prompt takes before each chunk: the members' (refused unless all agree)."""
+        return self._virtual_tokens
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ):
+        outs = []
+        for member, types in zip(self.members, self._token_types, strict=True):
+            extra = {"token_type_ids": token_type_ids} if types and token_type_ids is not None else {}
+            outs.append(member(input_ids=input_ids, attention_mask=attention_mask, **extra))
         mask = attention_mask.bool()
         return QuestionAnsweringModelOutput(
             start_logits=self._combine([o.start_logits for o in outs], mask),

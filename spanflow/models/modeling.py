@@ -6,6 +6,7 @@ its trainable-parameter count. The QA head is always trained.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +40,22 @@ DROPOUT_KEYS = {
     "attention_dropout": ("attention_probs_dropout_prob", "attention_dropout"),
     "hidden_dropout": ("hidden_dropout_prob", "dropout"),
 }
+# model types without such a dropout at all (LLaMA-style decoders drop nothing between layers): 0 is what they do
+WITHOUT_DROPOUT = {"hidden_dropout": ("llama", "mistral", "qwen2", "qwen3")}
+# method.lora.target_modules `auto`, per model type: the Linears of the attention and the FFN of every layer
+LORA_TARGETS = {
+    "bert": ["query", "key", "value", "dense"],
+    "roberta": ["query", "key", "value", "dense"],
+    "electra": ["query", "key", "value", "dense"],
+    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
+    "albert": ["query", "key", "value", "dense", "ffn", "ffn_output"],
+    **{
+        decoder: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        for decoder in ("llama", "mistral", "qwen2", "qwen3")
+    },
+}
+# the pad token a tokenizer without one gets (LLaMA's): its end-of-sequence token; padding is masked out anyway
+PAD_FALLBACK = "eos_token"
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -51,10 +68,35 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerFast:
+    """The backbone's fast tokenizer, set up for spanflow's layout (`qa_tokenizer`)."""
     tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.name_or_path), revision=cfg.revision)
+    return qa_tokenizer(tok, f"model.name_or_path={cfg.name_or_path}")
+
+
+def load_saved_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerFast:
+    """The tokenizer saved with a trained model, set up as in training."""
+    return qa_tokenizer(AutoTokenizer.from_pretrained(model_dir), str(model_dir))
+
+
+def qa_tokenizer(tok: PreTrainedTokenizerFast, where: str) -> PreTrainedTokenizerFast:
+    """`tok` for spanflow's layout: the question first, then the context, padding on the right. Decoder tokenizers
+    (LLaMA's) pad on the left by default and have no pad token: they pad on the right here, and pad with their
+    end-of-sequence token (the attention mask hides padding, so which token it is does not matter)."""
     if not tok.is_fast:
-        raise ValueError(f"model.name_or_path={cfg.name_or_path}: no fast tokenizer, context splitting needs one")
+        raise ValueError(f"{where}: no fast tokenizer, context splitting needs one (offset mappings)")
+    tok.padding_side = "right"
+    if tok.pad_token is None:
+        fallback = getattr(tok, PAD_FALLBACK)
+        if fallback is None:
+            raise ValueError(f"{where}: the tokenizer has neither a pad token nor an end-of-sequence token to pad with")
+        tok.pad_token = fallback
     return tok
+
+
+def takes_token_type_ids(model: torch.nn.Module) -> bool:
+    """Whether the QA model has a token type input (BERT and ALBERT have; decoders, DistilBERT have not)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "token_type_ids" in inspect.signature(base.forward).parameters
 
 
 def backbone_config(cfg: ModelConfig) -> PretrainedConfig:
@@ -73,6 +115,10 @@ def backbone_config(cfg: ModelConfig) -> PretrainedConfig:
         if value is None:
             continue
         keys = [k for k in candidates if hasattr(config, k)]
+        if not keys and config.model_type in WITHOUT_DROPOUT.get(setting, ()):
+            if value == 0:
+                continue
+            raise ValueError(f"model.{setting}: {type(config).__name__} has no such dropout; set it to 0 or null")
         if not keys:
             raise ValueError(
                 f"model.{setting}: {type(config).__name__} of {cfg.name_or_path} has none of"
@@ -126,6 +172,12 @@ def _full(backbone: PreTrainedModel, cfg: MethodConfig) -> torch.nn.Module:
 def transformer_layers(backbone: PreTrainedModel, method: str = "freeze") -> torch.nn.ModuleList:
     """The backbone's stack of transformer layers, bottom first: the ModuleList with one block per hidden layer."""
     n = backbone.config.num_hidden_layers
+    if backbone.config.model_type == "albert":
+        raise ValueError(
+            f"method {method}: ALBERT shares one set of layer weights across its {n} layers "
+            f"({backbone.config.num_hidden_groups} group(s)): no layer has weights of its own to "
+            f"{'train' if method == 'freeze' else 'adapt'}; use lora, qlora or full"
+        )
     stacks = [(name, m) for name, m in backbone.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
     if len(stacks) != 1:
         found = [name for name, _ in stacks] or "none"
@@ -178,6 +230,18 @@ def _prompt(backbone: PreTrainedModel, cfg: MethodConfig) -> torch.nn.Module:
     return add_soft_prompt(backbone, cfg.prompt.tokens, cfg.prompt.init)  # the new prompt trains
 
 
+def lora_target_modules(model_type: str, target_modules: list[str] | str) -> list[str]:
+    """method.lora.target_modules: a list as given, or `auto`: the attention and FFN Linears of `model_type`."""
+    if target_modules != "auto":
+        return list(target_modules)
+    if model_type not in LORA_TARGETS:
+        raise ValueError(
+            f"method.lora.target_modules: auto knows no Linear names for model type {model_type!r} (known: "
+            f"{', '.join(LORA_TARGETS)}); list them, e.g. --set method.lora.target_modules='[q_proj,v_proj]'"
+        )
+    return list(LORA_TARGETS[model_type])
+
+
 def _lora(backbone: PreTrainedModel, cfg: MethodConfig) -> torch.nn.Module:
     """LoRA adapters of `method.lora` on `target_modules`; they and the QA head train. Also the adapters of qlora."""
     from peft import LoraConfig, get_peft_model
@@ -187,7 +251,7 @@ def _lora(backbone: PreTrainedModel, cfg: MethodConfig) -> torch.nn.Module:
         r=lora.rank,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
+        target_modules=lora_target_modules(backbone.config.model_type, lora.target_modules),
         modules_to_save=[QA_HEAD],
     )
     with warnings.catch_warnings():  # PEFT asks transformers 5 by a name it deprecates; nothing for a user to do

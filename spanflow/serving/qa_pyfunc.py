@@ -95,16 +95,16 @@ def torch_threads_from_env(environ: Mapping[str, str] = os.environ) -> int | Non
 class SpanQAModel(PythonModel):
     def load_context(self, context: PythonModelContext) -> None:
         import torch
-        from transformers import AutoTokenizer
 
         from spanflow.answering.inference import default_device, load_answering_model, load_ensemble_model
+        from spanflow.models.modeling import load_saved_tokenizer
 
         threads = torch_threads_from_env()
         if threads is not None:  # before the model loads; the request threads inherit it
             torch.set_num_threads(threads)
         with open(context.artifacts["settings"]) as fh:
             self.settings = json.load(fh)
-        self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["model_dir"])
+        self.tokenizer = load_saved_tokenizer(context.artifacts["model_dir"])
         if self.settings.get("ensemble_rule"):  # members model_dir, model_dir_1, ...: one torch module
             members = [context.artifacts["model_dir"]]
             members += [context.artifacts[f"model_dir_{k}"] for k in range(1, self.settings["ensemble_members"])]

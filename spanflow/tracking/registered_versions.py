@@ -9,7 +9,6 @@ from pathlib import Path
 
 import mlflow
 from mlflow.models import Model
-from transformers import AutoTokenizer
 
 from spanflow.answering.inference import (
     default_device,
@@ -21,6 +20,7 @@ from spanflow.answering.inference import (
 from spanflow.answering.spans import REGISTERED_BEFORE_SPAN_SCORING, Answer
 from spanflow.config import Config
 from spanflow.data.features import Record
+from spanflow.models.modeling import load_saved_tokenizer
 
 
 def registered_files(name: str, version: int | str, dst: str | Path) -> tuple[list[Path], dict]:
@@ -59,5 +59,5 @@ def version_answerer(
         return records_answerer(own, model_dirs[0])[0], own
     precision = resolve_precision(cfg.train.precision, default_device())
     model = load_ensemble_model(model_dirs, settings["ensemble_rule"], precision, default_device())
-    tokenizer = AutoTokenizer.from_pretrained(model_dirs[0])
+    tokenizer = load_saved_tokenizer(model_dirs[0])
     return model_answerer(own, model, tokenizer, precision), own

@@ -22,7 +22,13 @@ from spanflow.answering.squad_metrics import per_question_scores, score
 from spanflow.config import Config, TrainConfig
 from spanflow.data.features import Features, Record
 from spanflow.models.lora_fused import release_fp32_bases
-from spanflow.models.modeling import HEAD_MODULES, PreparedModel, load_trainable_state, trainable_state
+from spanflow.models.modeling import (
+    HEAD_MODULES,
+    PreparedModel,
+    load_trainable_state,
+    takes_token_type_ids,
+    trainable_state,
+)
 from spanflow.models.qa_loss import span_loss
 from spanflow.models.soft_prompt import MODULE_NAME as PROMPT_MODULE
 from spanflow.models.soft_prompt import virtual_tokens
@@ -104,8 +110,10 @@ def accumulate_batch(
     parts = length_sorted_passes(
         idx, lengths, tc.micro_batches, tc.pad_to_multiple_of, tc.pass_overhead_tokens, tc.max_pass_tokens
     )
+    token_types = takes_token_type_ids(model)
     for part in parts:
-        batch = {key: v.to(device) for key, v in pad_batch(feats, part, pad_id, True, tc.pad_to_multiple_of).items()}
+        padded = pad_batch(feats, part, pad_id, True, tc.pad_to_multiple_of, token_types)
+        batch = {key: v.to(device) for key, v in padded.items()}
         starts, ends = batch.pop("start_positions"), batch.pop("end_positions")  # our loss, not the model's
         width = batch["input_ids"].shape[1] + virtual_tokens(model)  # the encoder's width: a soft prompt's too
         with autocast(device, precision), attention_kernel(device, width, tc.math_attention_max_width):
