@@ -1,5 +1,6 @@
-"""Stage study (`spanflow study`): the experiments of a study file, each through the pipeline's own stages in its
-own workspace (studies/runs/<study>/<experiment>/), then the findings: results/study/findings.md and the plots.
+"""Stage study (`spanflow study`): the experiments of a study file, each through the pipeline's own stages in a
+process and a workspace of its own (studies/runs/<study>/<experiment>/), then the findings: results/study/findings.md
+and the plots.
 
 Every experiment shares params.yaml, the study's base overrides and its step budget; its training run is nested
 under one MLflow parent run of the study. An experiment whose workspace holds the result of the same overrides is
@@ -8,19 +9,20 @@ skipped, one cut short resumes from its last checkpoint, so a study resumes wher
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Iterator
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
 import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.settings import PREFECT_API_URL
 
 from spanflow.answering.squad_metrics import per_question_scores
-from spanflow.config import Config, load_config
+from spanflow.config import Config
 from spanflow.data.squad import read_jsonl
 from spanflow.io_utils import atomic_write_json, atomic_write_text
 from spanflow.paths import METRICS_FILE, MODEL, PREDICTIONS_FILE, PREPARED, RESULTS, TRAIN_SUMMARY_FILE
@@ -33,16 +35,6 @@ RUNS = Path("studies/runs")
 SHARED = ("data/squad", "data/leaderboard")  # read by every experiment: linked, not copied
 
 
-@contextlib.contextmanager
-def inside(path: Path) -> Iterator[None]:
-    cwd = Path.cwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(cwd)
-
-
 def workspace(root: Path, study: Study, name: str) -> Path:
     ws = root / RUNS / study.name / name
     for shared in SHARED:
@@ -53,36 +45,36 @@ def workspace(root: Path, study: Study, name: str) -> Path:
     return ws
 
 
-def experiment_config(cfg: Config, params: str, overrides: list[str], study: Study, name: str, parent: str) -> Config:
-    """params.yaml + the command's, the study's and the experiment's overrides, tracked in the project's MLflow
-    store (`cfg`'s, as absolute paths: the experiment runs in its workspace) under the study's parent run."""
+def experiment_overrides(cfg: Config, overrides: list[str], study: Study, name: str, parent: str) -> list[str]:
+    """The command's, the study's and the experiment's overrides, tracked in the project's MLflow store (`cfg`'s,
+    as absolute paths: the experiment runs in its workspace) under the study's parent run."""
     tracking = [
         f"tracking.tracking_uri={json.dumps(cfg.tracking_uri)}",
         f"tracking.artifact_root={json.dumps(str(Path(cfg.tracking.artifact_root).resolve()))}",
         f"tracking.parent_run_id={parent}",
         "search.enabled=false",  # an experiment is one point: the grid search is the pipeline's business
     ]
-    return load_config(params, [*overrides, *study.overrides(name), *tracking])
+    return [*overrides, *study.overrides(name), *tracking]
 
 
-def run_experiment(cfg: Config, study: Study, name: str, ws: Path) -> None:
-    """prepare -> featurize -> train -> evaluate in `ws`, skipped when done with these overrides."""
-    from flows.stages import prepare_data
-    from tasks.evaluate import evaluate_stage
-    from tasks.featurize import featurize_splits
-    from tasks.train import train_stage
-
+def run_experiment(params: Path, overrides: list[str], study: Study, name: str, ws: Path) -> None:
+    """prepare -> featurize -> train -> evaluate in `ws`, in a process of its own (flows/experiment.py: its peak
+    memory is its own, not what earlier experiments left in this one); skipped when done with these overrides."""
     done = ws / "experiment.json"
     wanted = {"overrides": study.overrides(name)}
     if done.is_file() and json.loads(done.read_text()) == wanted and (ws / METRICS_FILE).is_file():
         print(f"study {study.name}: {name} already done, skipped")
         return
-    with inside(ws):
-        print(f"study {study.name}: {name} ({' '.join(study.experiments[name]) or 'base'})")
-        prepare_data(cfg)
-        featurize_splits(cfg)
-        train_stage(cfg, resume=(MODEL / "checkpoints").is_dir())
-        evaluate_stage(cfg)
+    print(f"study {study.name}: {name} ({' '.join(study.experiments[name]) or 'base'})")
+    cmd = [sys.executable, "-m", "flows.experiment", "--params", str(params), *(f"--set={o}" for o in overrides)]
+    if (ws / MODEL / "checkpoints").is_dir():
+        cmd.append("--resume")  # cut short before: on from its last checkpoint
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")]))}
+    api = PREFECT_API_URL.value()
+    if api:  # the experiment's flow run joins this one's server
+        env["PREFECT_API_URL"] = api
+    if subprocess.run(cmd, cwd=ws, env=env).returncode != 0:
+        raise RuntimeError(f"study {study.name}: experiment {name} failed (its log is above); rerun to resume it")
     atomic_write_json(done, wanted)
 
 
@@ -108,7 +100,8 @@ def study_stage(
     outcomes = {}
     for name in study.experiments:
         ws = workspace(root, study, name)
-        run_experiment(experiment_config(cfg, params, overrides or [], study, name, parent_id), study, name, ws)
+        extra = experiment_overrides(cfg, overrides or [], study, name, parent_id)
+        run_experiment(Path(params).resolve(), extra, study, name, ws)
         outcomes[name] = outcome(ws, name)
     dev_ids = {n: len(o.question_f1) for n, o in outcomes.items()}
     if len(set(dev_ids.values())) != 1:
