@@ -9,6 +9,8 @@ from pathlib import Path
 import mlflow
 import numpy as np
 from mlflow import MlflowClient
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from spanflow.answering.bootstrap import paired_bootstrap
 from spanflow.answering.inference import default_device, load_qa_model, model_answerer, resolve_precision
@@ -118,3 +120,6 @@ def _register(cfg: Config, run_id: str, dirs: list[Path], settings: dict, versio
     version = log_pyfunc(cfg, run_id, artifacts, own)
     print(f"registered {cfg.registry.model_name} version {version}: the ensemble of {versions} by {rule}")
     return version
+
+
+ensemble_task = task(ensemble_stage, name="ensemble", cache_policy=NO_CACHE)

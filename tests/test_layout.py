@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = {"prepare", "tune", "featurize", "train", "evaluate", "register", "promote", "report"}
+# the pipeline's stages, the report, and the commands built of them: a study and an ensemble of registered versions
+STAGES = {"prepare", "tune", "featurize", "train", "evaluate", "register", "promote", "report", "study", "ensemble"}
 
 
 def imported_modules(path: Path) -> set[str]:

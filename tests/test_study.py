@@ -91,6 +91,8 @@ def test_study_flow_runs_every_experiment_once_nested_in_mlflow(request: pytest.
     from flows.stages import study_flow
 
     root = request.getfixturevalue("project")  # a tiny copy of the project, as the current directory
+    # mlflow.set_tracking_uri in an earlier test exports MLFLOW_TRACKING_URI, which would outrank params.yaml here
+    request.getfixturevalue("monkeypatch").delenv("MLFLOW_TRACKING_URI", raising=False)
 
     study_file = _write(root / "tiny-study.yaml", STUDY)
     summary = study_flow("params.yaml", ["data.dev_limit=20"], str(study_file))
