@@ -24,8 +24,8 @@ STUDY = {
     "name": "tiny",
     "steps": 3,
     "base": ["train.include_validation=false"],
-    "experiments": {"lora": [], "full": ["method.name=full"], "small_data": ["data.train_limit=300"]},
-    "data_curve": ["small_data", "lora"],
+    "experiments": {"lora": [], "full": ["method.name=full"]},
+    "data_curve": ["full", "lora"],
     "claims": [
         {"claim": "LoRA beats full fine-tuning", "source": "a test", "a": "lora", "b": "full"},
         {
@@ -53,7 +53,7 @@ def test_a_study_file_is_checked_before_anything_runs(tmp_path: Path):
     with pytest.raises(StudyError, match="not found"):
         load_study(tmp_path / "missing.yaml")
     quick = load_study(_write(tmp_path / "d.yaml", STUDY), quick=True)
-    assert quick.steps == 2 and quick.overrides("small_data")[-2:] == ["data.dev_limit=20", "train.max_steps=2"]
+    assert quick.steps == 2 and quick.overrides("full")[-2:] == ["data.dev_limit=20", "train.max_steps=2"]
     assert load_study(tmp_path / "d.yaml").overrides("full") == [
         "train.include_validation=false",
         "train.max_steps=3",
@@ -98,7 +98,7 @@ def test_study_flow_runs_every_experiment_once_nested_in_mlflow(request: pytest.
     summary = study_flow("params.yaml", ["data.dev_limit=20"], str(study_file))
     findings = (root / "results/study/findings.md").read_text()
     assert "| LoRA beats full fine-tuning | a test | lora vs full (better) |" in findings
-    assert "trainable_params lora / full" in findings and "| small_data |" in findings
+    assert "trainable_params lora / full" in findings and "| full | `method.name=full` |" in findings
     assert {f["verdict"] for f in summary["findings"]} <= {"holds", "does not hold", "inconclusive here"}
     assert summary["findings"][1]["verdict"] == "holds"  # LoRA trains far fewer parameters
     assert (root / "results/study/pareto.png").is_file() and (root / "results/study/data_curve.png").is_file()
@@ -110,7 +110,7 @@ def test_study_flow_runs_every_experiment_once_nested_in_mlflow(request: pytest.
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     parent = summary["mlflow_parent_run_id"]
     children = client.search_runs([client.get_run(parent).info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
-    assert sorted(r.data.params["method.name"] for r in children) == ["full", "lora", "lora"]
+    assert sorted(r.data.params["method.name"] for r in children) == ["full", "lora"]
     assert "study/findings.md" in {a.path for a in client.list_artifacts(parent, "study")}
 
     again = study_flow("params.yaml", ["data.dev_limit=20"], str(study_file))  # all done: nothing retrains
