@@ -36,6 +36,19 @@ def _small_params(model_dir: Path) -> dict:
     return params
 
 
+def spanflow_run(project: Path, overrides: list[str], env: dict) -> subprocess.CompletedProcess:
+    """`spanflow run --set ...` in `project`; fails the test with the end of its stderr unless it succeeds."""
+    run = subprocess.run(
+        [str(BIN / "spanflow"), "run", *(arg for o in overrides for arg in ("--set", o))],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A copy of the project's pipeline files with a tiny local model, as a fresh git + DVC repo."""
@@ -266,14 +279,7 @@ def test_make_run_and_dvc_repro_are_one_path(project: Path, prefect_server: str,
     # the overrides train by method freeze (search, warm start and all) and evaluate and register with ONNX Runtime
     # (int8): the version carries its ONNX file
     overrides = ["eval.runtime=onnx_int8", "method.name=freeze", "method.freeze.trainable_layers=1"]
-    run = subprocess.run(
-        [str(BIN / "spanflow"), "run", *(arg for o in overrides for arg in ("--set", o))],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = spanflow_run(project, overrides, env)
     assert "dvc.lock left as it was" in run.stdout + run.stderr
     assert "evaluate" in _dvc(project, "status", env=env)
     metrics = json.loads((project / "results/metrics.json").read_text())
@@ -355,14 +361,7 @@ def test_spanflow_run_trains_evaluates_and_registers_on_a_backbone_by_a_method(
     else:
         overrides += ["search.enabled=false"]
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_API_URL": prefect_server}
-    run = subprocess.run(
-        [str(BIN / "spanflow"), "run", *(arg for o in overrides for arg in ("--set", o))],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = spanflow_run(project, overrides, env)
     assert "kernels-community" not in run.stdout + run.stderr  # bitsandbytes' note about a Hub kernel is quieted
     train = json.loads((project / "models/final/train.json").read_text())
     assert train["method"] == method and train["steps"] == 3 and bool(train["warm_start"]) == search

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ from spanflow.models.soft_prompt import MODULE_NAME, SoftPromptQA
 from spanflow.search.grid import GridPoint, skip_reason
 from spanflow.training.loop import accumulate_batch, param_groups, train_model
 from tests.helpers import make_tiny_model_dir, tiny_config, tiny_records
-from tests.test_pipeline_integration import BIN, project  # noqa: F401 - the flow's tiny project fixture
+from tests.test_pipeline_integration import project, spanflow_run  # noqa: F401 - the flow's tiny project fixture
 
 HIDDEN = 32  # the tiny BERT's
 CPU = torch.device("cpu")
@@ -274,14 +273,7 @@ def test_spanflow_run_trains_evaluates_and_registers_a_prompt_model(
 
     env = {**os.environ, "PREFECT_API_URL": prefect_server}
     overrides = ["method.name=prompt", "method.prompt.tokens=8", "eval.runtime=onnx", "search.enabled=false"]
-    run = subprocess.run(
-        [str(BIN / "spanflow"), "run", *(arg for o in overrides for arg in ("--set", o))],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    spanflow_run(project, overrides, env)
     train = json.loads((project / "models/final/train.json").read_text())
     assert train["method"] == "prompt" and train["trainable_params"] == 8 * HIDDEN + HIDDEN * 2 + 2
     metrics = json.loads((project / "results/metrics.json").read_text())
