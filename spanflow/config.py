@@ -19,6 +19,7 @@ DEFAULT_PARAMS = Path("params.yaml")
 METHOD_NAMES = ("lora", "full", "freeze", "adapter", "layer_mix", "prompt", "qlora")  # modeling.py: METHODS
 LORA_METHODS = ("lora", "qlora")  # the methods that train LoRA adapters (method.lora.*): the grid searches their rank
 QLORA_QUANT_TYPES = ("nf4", "fp4")  # bitsandbytes' 4-bit data types
+TRAIN_CONTEXTS = ("split", "truncate")  # features.train_contexts: every chunk trains, or each question's first
 
 
 class ConfigError(ValueError):
@@ -60,6 +61,7 @@ class FeaturesConfig:
     chunk_length: int = 256  # tokens per chunk, question included
     overlap: int = 64  # context tokens shared by consecutive chunks
     max_query_length: int = 64
+    train_contexts: str = "split"  # split: every chunk trains | truncate: each question's first chunk only
 
 
 @dataclass
@@ -391,6 +393,8 @@ def _validate(cfg: Config) -> None:
     f = cfg.features
     if f.chunk_length < 16:
         raise ConfigError(f"features.chunk_length: {f.chunk_length} is too small (>= 16)")
+    if f.train_contexts not in TRAIN_CONTEXTS:
+        raise ConfigError(f"features.train_contexts: {f.train_contexts!r} is not one of {', '.join(TRAIN_CONTEXTS)}")
     _validate_prompt(cfg)
     virtual = cfg.method.virtual_tokens
     if not 0 <= f.overlap < f.chunk_length - virtual - f.max_query_length - 3:

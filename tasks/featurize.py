@@ -8,7 +8,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from spanflow.config import Config
-from spanflow.data.features import chunk_counts, featurize, save_features
+from spanflow.data.features import chunk_counts, featurize, first_chunks, save_features
 from spanflow.data.splits import check_prepared, features_meta, split_records
 from spanflow.models.modeling import load_tokenizer
 from spanflow.paths import FEATURES
@@ -32,6 +32,8 @@ def featurize_splits(cfg: Config, out_dir: Path = FEATURES) -> dict:
             f.max_query_length,
             virtual_tokens=cfg.method.virtual_tokens,  # a soft prompt's: the tokenizer gets the rest of the chunk
         )
+        if split == "train" and f.train_contexts == "truncate":  # validation answers as inference does: split
+            feats = first_chunks(feats)
         save_features(feats, out_dir / f"{split}.pt", meta)
         counts = chunk_counts(feats, len(records))
         summary[split] = {

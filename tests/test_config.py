@@ -259,6 +259,7 @@ def test_tracking_uri_env_var_wins(monkeypatch: pytest.MonkeyPatch) -> None:
         ("search.trial.train_questions=0", "search.trial.train_questions"),
         ("search.workers=0", "search.workers"),
         ("search.spaces.rank=[1]", "search.spaces"),
+        ("features.train_contexts=first", "features.train_contexts"),
     ],
 )
 def test_bad_search_settings_name_the_key(override: str, named: str) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from spanflow.config import ModelConfig
-from spanflow.data.features import Features, chunk_counts, featurize, load_features, save_features
+from spanflow.data.features import Features, chunk_counts, featurize, first_chunks, load_features, save_features
 from spanflow.data.splits import sample_questions, without_questions
 from spanflow.data.squad import load_squad_json
 from spanflow.models.modeling import load_tokenizer
@@ -363,6 +363,23 @@ def test_example_index_across_batches(tok, numbered):
     labelled = [c for c in range(len(feats)) if feats.start_positions[c] != 0]
     assert labelled and {feats.example_index[c] for c in labelled} == {3}
     assert all(label_text(context, feats, c) == words[50] for c in labelled)
+
+
+def test_first_chunks_truncate_each_context_to_its_first_chunk(tok, numbered):
+    """features.train_contexts: truncate keeps each question's first chunk, labelled as featurize labelled it: the
+    answer's tokens when they lie inside, else the no-answer index."""
+    words, context = numbered[0], numbered[1]
+    recs = [record(context, words[2]), record(context, words[-1]), record("short context here", "short")]
+    feats = featurize(recs, tok, CHUNK, OVERLAP, batch_size=2)
+    first = first_chunks(feats)
+    assert chunk_counts(feats, 3)[:2] == [len(featurize([recs[0]], tok, CHUNK, OVERLAP))] * 2 and len(feats) > 3
+    assert first.example_index == [0, 1, 2]
+    for k, idx in enumerate(first.example_index):
+        c = feats.example_index.index(idx)
+        assert first.input_ids[k] == feats.input_ids[c] and first.offsets[k] == feats.offsets[c]
+    assert label_text(context, first, 0) == words[2]
+    assert (first.start_positions[1], first.end_positions[1]) == (0, 0)  # its answer was cut off with the context
+    assert label_text("short context here", first, 2) == "short"
 
 
 def test_chunk_counts_include_records_without_chunks():

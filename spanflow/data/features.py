@@ -114,6 +114,13 @@ def featurize(
     return feats
 
 
+def first_chunks(feats: Features) -> Features:
+    """Each record's first chunk only: its context truncated after one chunk, as a model that never splits sees it
+    (`features.train_contexts: truncate`). Its label is the answer's tokens when they are inside, else index 0."""
+    keep = [k for k, idx in enumerate(feats.example_index) if k == 0 or feats.example_index[k - 1] != idx]
+    return Features(**{name: [values[k] for k in keep] for name, values in feats.to_dict().items()})
+
+
 def _label(record: Record, offsets: list[Offset]) -> tuple[int, int]:
     """Token indices of the first gold answer inside this chunk, or (0, 0): the no-answer position."""
     answers = record["answers"]

@@ -53,6 +53,7 @@ def features_meta(cfg: Config) -> dict:
         "virtual_tokens": cfg.method.virtual_tokens,  # a soft prompt's share of chunk_length
         "overlap": cfg.features.overlap,
         "max_query_length": cfg.features.max_query_length,
+        "train_contexts": cfg.features.train_contexts,
         "train_sha256": version["train"]["content_sha256"],
         "split": version["split"],
         "include_validation": cfg.train.include_validation,

@@ -26,7 +26,7 @@ from transformers import set_seed
 
 from spanflow.answering.inference import default_device, resolve_precision
 from spanflow.config import Config
-from spanflow.data.features import Features, Record, featurize
+from spanflow.data.features import Features, Record, featurize, first_chunks
 from spanflow.data.splits import sample_questions, trial_train_records
 from spanflow.data.squad import read_jsonl
 from spanflow.models.modeling import apply_method, load_backbone, load_tokenizer
@@ -155,8 +155,11 @@ class SearchWorker:
         key = (point.chunk_length, point.overlap)
         if key not in self._chunks:
             q, n = self.cfg.features.max_query_length, self.cfg.method.virtual_tokens
+            train_chunks = featurize(train, self.tokenizer, *key, q, virtual_tokens=n)
+            if self.cfg.features.train_contexts == "truncate":
+                train_chunks = first_chunks(train_chunks)
             self._chunks[key] = (
-                featurize(train, self.tokenizer, *key, q, virtual_tokens=n),
+                train_chunks,
                 featurize(val, self.tokenizer, *key, q, virtual_tokens=n),
             )
             self.featurize_calls += 2
