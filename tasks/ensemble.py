@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import torch
 from mlflow import MlflowClient
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -17,6 +18,7 @@ from spanflow.answering.inference import default_device, load_qa_model, model_an
 from spanflow.answering.spans import answer_texts
 from spanflow.answering.squad_metrics import per_question_scores, score
 from spanflow.config import Config
+from spanflow.data.features import Record
 from spanflow.data.splits import check_prepared
 from spanflow.data.squad import read_jsonl
 from spanflow.io_utils import atomic_write_json
@@ -57,17 +59,12 @@ def ensemble_stage(cfg: Config, versions: list[int], rule: str = "max", register
         candidates |= {r: EnsembleQAModel(models, r) for r in ENSEMBLE_RULES}
         scores, f1s = {}, {}
         for label, model in candidates.items():
-            texts = answer_texts(
-                model_answerer(own, model, tokenizer, precision)(records), squad_version, own.eval.no_answer_threshold
-            )
-            predictions = {r["id"]: t for r, t in zip(records, texts, strict=True)}
-            scores[label] = score(records, predictions, squad_version)
-            f1s[label] = np.array([f1 for _, f1 in per_question_scores(records, predictions, squad_version).values()])
+            _, scores[label], f1s[label] = answer_and_score(own, model, tokenizer, precision, records, squad_version)
             print(f"{label}: EM {scores[label]['exact_match']:.2f} F1 {scores[label]['f1']:.2f}")
         best = max((f"v{v}" for v in versions), key=lambda k: scores[k]["f1"])
         gate = cfg.registry
         against_best = {
-            r: paired_bootstrap(100 * f1s[r], 100 * f1s[best], gate.bootstrap_resamples, gate.confidence, gate.seed)
+            r: paired_bootstrap(f1s[r], f1s[best], gate.bootstrap_resamples, gate.confidence, gate.seed)
             for r in ENSEMBLE_RULES
         }
         out = {
@@ -105,6 +102,19 @@ def ensemble_stage(cfg: Config, versions: list[int], rule: str = "max", register
             f"{r} vs {best}: {b.mean_gain:+.2f} F1 ({100 * b.confidence:.0f}% interval {b.low:+.2f} .. {b.high:+.2f})"
         )
     return out
+
+
+def answer_and_score(
+    cfg: Config, model: torch.nn.Module, tokenizer, precision: str, records: list[Record], squad_version: str
+) -> tuple[dict[str, str], dict, np.ndarray]:
+    """`model`'s answers to `records` by the chunking and decoding of `cfg`: id -> text, the official scores, and
+    every question's F1 (0-100) in the order of `records`."""
+    answers = model_answerer(cfg, model, tokenizer, precision)(records)
+    texts = answer_texts(answers, squad_version, cfg.eval.no_answer_threshold)
+    predictions = {r["id"]: t for r, t in zip(records, texts, strict=True)}
+    per_question = per_question_scores(records, predictions, squad_version)
+    f1 = np.array([100 * per_question[r["id"]][1] for r in records])
+    return predictions, score(records, predictions, squad_version), f1
 
 
 def _register(cfg: Config, run_id: str, dirs: list[Path], settings: dict, versions: list[int], rule: str) -> int:

@@ -21,14 +21,18 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.settings import PREFECT_API_URL
 
+from spanflow.answering.inference import default_device, load_qa_model, resolve_precision
 from spanflow.answering.squad_metrics import per_question_scores
-from spanflow.config import Config
+from spanflow.config import Config, load_config
 from spanflow.data.squad import read_jsonl
 from spanflow.io_utils import atomic_write_json, atomic_write_text
+from spanflow.models.ensemble import EnsembleQAModel, check_shared_tokenizer
+from spanflow.models.modeling import load_saved_tokenizer
 from spanflow.paths import METRICS_FILE, MODEL, PREDICTIONS_FILE, PREPARED, RESULTS, TRAIN_SUMMARY_FILE
 from spanflow.study.findings import Outcome, data_curve_plot, findings_markdown, judge, pareto_plot
-from spanflow.study.spec import Study
+from spanflow.study.spec import BEST_MEMBER, Study
 from spanflow.tracking.runs import setup_mlflow
+from tasks.ensemble import answer_and_score
 
 STUDY_RESULTS = RESULTS / "study"
 RUNS = Path("studies/runs")
@@ -81,12 +85,58 @@ def run_experiment(params: Path, overrides: list[str], study: Study, name: str, 
 def outcome(ws: Path, name: str) -> Outcome:
     metrics = json.loads((ws / METRICS_FILE).read_text())
     metrics["train_steps"] = json.loads((ws / TRAIN_SUMMARY_FILE).read_text())["steps"]
-    records = read_jsonl(ws / PREPARED / "dev.jsonl")
-    predictions = json.loads((ws / PREDICTIONS_FILE).read_text())
-    per_q = per_question_scores(records, predictions, metrics["squad_version"])
     version = json.loads((ws / PREPARED / "version.json").read_text())
-    f1 = np.array([100 * per_q[r["id"]][1] for r in records])
-    return Outcome(name, metrics, f1, version["split"]["train"])
+    return Outcome(name, metrics, question_f1(ws, ws / PREPARED / "dev.jsonl", metrics), version["split"]["train"])
+
+
+def question_f1(ws: Path, dev: Path, metrics: dict) -> np.ndarray:
+    """The F1 (0-100) of every question in `dev` by the predictions in workspace `ws`, in dev order."""
+    predictions = json.loads((ws / PREDICTIONS_FILE).read_text())
+    records = read_jsonl(dev)
+    per_q = per_question_scores(records, predictions, metrics["squad_version"])
+    return np.array([100 * per_q[r["id"]][1] for r in records])
+
+
+def ensemble_outcome(
+    root: Path, params: Path, overrides: list[str], study: Study, name: str, members: dict[str, Outcome]
+) -> Outcome:
+    """The ensemble `name` of the study's trained experiments, answering the dev questions (with its first member's
+    chunking and decoding) in a workspace of its own; skipped when done with the same members. Its costs are its
+    members' together: the sum of their training time and parameters, the larger of their peak memories."""
+    spec = study.ensembles[name]
+    ws = root / RUNS / study.name / name
+    wanted = {"members": {m: study.overrides(m) for m in spec.members}, "rule": spec.rule}
+    done = ws / "experiment.json"
+    if not (done.is_file() and json.loads(done.read_text()) == wanted and (ws / METRICS_FILE).is_file()):
+        print(f"study {study.name}: {name} ({study.describe(name)})")
+        first = root / RUNS / study.name / spec.members[0]
+        own = load_config(params, [*overrides, *study.overrides(spec.members[0])])
+        device = default_device()
+        precision = resolve_precision(own.train.precision, device)
+        dirs = [root / RUNS / study.name / m / MODEL / "hf" for m in spec.members]
+        check_shared_tokenizer(dirs)
+        model = EnsembleQAModel([load_qa_model(d, precision, device) for d in dirs], spec.rule)
+        records = read_jsonl(first / PREPARED / "dev.jsonl")
+        version = members[spec.members[0]].metrics["squad_version"]
+        tokenizer = load_saved_tokenizer(dirs[0])
+        predictions, scores, _ = answer_and_score(own, model, tokenizer, precision, records, version)
+        of = [members[m].metrics for m in spec.members]
+        metrics = {
+            **{k: round(v, 3) for k, v in scores.items()},
+            "squad_version": version,
+            "dev_questions": len(records),
+            "train_seconds": sum(m["train_seconds"] for m in of),
+            "train_peak_rss_mb": max(m["train_peak_rss_mb"] for m in of),
+            "trainable_params": sum(m["trainable_params"] for m in of),
+            "total_params": sum(m["total_params"] for m in of),
+            "train_steps": sum(m["train_steps"] for m in of),
+        }
+        atomic_write_json(ws / PREDICTIONS_FILE, predictions)
+        atomic_write_json(ws / METRICS_FILE, metrics)
+        atomic_write_json(done, wanted)
+    metrics = json.loads((ws / METRICS_FILE).read_text())
+    f1 = question_f1(ws, root / RUNS / study.name / spec.members[0] / PREPARED / "dev.jsonl", metrics)
+    return Outcome(name, metrics, f1, max(members[m].train_questions for m in spec.members))
 
 
 def study_stage(
@@ -97,18 +147,24 @@ def study_stage(
     with mlflow.start_run(experiment_id=setup_mlflow(cfg), run_name=f"study-{study.name}") as parent:
         mlflow.log_params({"study.name": study.name, "study.steps": study.steps, "study.file": str(study.path)})
         parent_id = parent.info.run_id
-    outcomes = {}
+    outcomes: dict[str, Outcome] = {}
     for name in study.experiments:
         ws = workspace(root, study, name)
         extra = experiment_overrides(cfg, overrides or [], study, name, parent_id)
         run_experiment(Path(params).resolve(), extra, study, name, ws)
         outcomes[name] = outcome(ws, name)
+    for name in study.ensembles:
+        outcomes[name] = ensemble_outcome(root, Path(params).resolve(), overrides or [], study, name, outcomes)
+    sides = dict(outcomes)  # what a claim may name: experiments, ensembles, and each ensemble's best member
+    for name, spec in study.ensembles.items():
+        best = max(spec.members, key=lambda m: outcomes[m].metrics["f1"])
+        sides[f"{name}{BEST_MEMBER}"] = outcomes[best]
     dev_ids = {n: len(o.question_f1) for n, o in outcomes.items()}
     if len(set(dev_ids.values())) != 1:
         raise ValueError(
             f"study {study.name}: the experiments answered different dev sets {dev_ids}; keep data.dev alike"
         )
-    findings = [judge(c, outcomes[c.a], outcomes[c.b], cfg.registry) for c in study.claims]
+    findings = [judge(c, sides[c.a], sides[c.b], cfg.registry) for c in study.claims]
     STUDY_RESULTS.mkdir(parents=True, exist_ok=True)
     markdown = findings_markdown(study, outcomes, findings, command or f"spanflow study --file {study.path}")
     atomic_write_text(STUDY_RESULTS / "findings.md", markdown)

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import yaml
 
+from spanflow.answering.squad_metrics import score
 from spanflow.config import RegistryConfig
+from spanflow.data.squad import read_jsonl
 from spanflow.study.findings import Outcome, judge
 from spanflow.study.spec import Claim, StudyError, load_study
 from tests.test_pipeline_integration import project  # noqa: F401  (the tiny project: a fixture)
@@ -25,6 +27,7 @@ STUDY = {
     "steps": 3,
     "base": ["train.include_validation=false"],
     "experiments": {"lora": [], "full": ["method.name=full"]},
+    "ensembles": {"both": {"members": ["lora", "full"], "rule": "max"}},
     "data_curve": ["full", "lora"],
     "claims": [
         {"claim": "LoRA beats full fine-tuning", "source": "a test", "a": "lora", "b": "full"},
@@ -37,6 +40,7 @@ STUDY = {
             "metric": "trainable_params",
             "ratio": 0.5,
         },
+        {"claim": "ensembling helps", "source": "a test", "a": "both", "b": "both.best_member"},
     ],
     "quick": {"steps": 2, "set": ["data.dev_limit=20"]},
 }
@@ -44,8 +48,16 @@ STUDY = {
 
 def test_a_study_file_is_checked_before_anything_runs(tmp_path: Path):
     bad_claim = {**STUDY, "claims": [{"claim": "x", "source": "y", "a": "lora", "b": "nope"}]}
-    with pytest.raises(StudyError, match="names no experiment 'nope'"):
+    with pytest.raises(StudyError, match="names no experiment or ensemble 'nope'"):
         load_study(_write(tmp_path / "a.yaml", bad_claim))
+    for ensemble, named in (
+        ({"members": ["lora", "nope"]}, r"ensembles\.e\.members: no experiment \['nope'\]"),
+        ({"members": ["lora", "lora"]}, r"ensembles\.e\.members: two or more different"),
+        ({"members": ["lora", "full"], "rule": "median"}, r"ensembles\.e\.rule 'median'"),
+        ({"members": ["lora", "full"], "weights": [1, 2]}, r"ensembles\.e: .*weights"),
+    ):
+        with pytest.raises(StudyError, match=named):
+            load_study(_write(tmp_path / "e.yaml", {**STUDY, "ensembles": {"e": ensemble}}))
     with pytest.raises(StudyError, match=r"expect 'worse'"):
         load_study(_write(tmp_path / "b.yaml", {**STUDY, "claims": [{**STUDY["claims"][0], "expect": "worse"}]}))
     with pytest.raises(StudyError, match="experiments.full: expected a list of KEY=VALUE"):
@@ -106,6 +118,15 @@ def test_study_flow_runs_every_experiment_once_nested_in_mlflow(request: pytest.
         metrics = json.loads((root / f"studies/runs/tiny/{name}/results/metrics.json").read_text())
         assert metrics["dev_questions"] == 20
     assert summary["experiments"]["full"]["trainable_params"] > summary["experiments"]["lora"]["trainable_params"]
+    # the ensemble answered with both trained models; its costs are theirs together, its F1 its own predictions'
+    both, members = summary["experiments"]["both"], [summary["experiments"][m] for m in ("lora", "full")]
+    assert both["trainable_params"] == sum(m["trainable_params"] for m in members)
+    assert both["train_peak_rss_mb"] == max(m["train_peak_rss_mb"] for m in members)
+    records = read_jsonl(root / "studies/runs/tiny/lora/data/prepared/dev.jsonl")
+    predictions = json.loads((root / "studies/runs/tiny/both/results/predictions.json").read_text())
+    assert len(predictions) == 20 and both["f1"] == pytest.approx(score(records, predictions, "1.1")["f1"], abs=1e-3)
+    best = max(("lora", "full"), key=lambda m: summary["experiments"][m]["f1"])
+    assert f"vs {best} " in summary["findings"][2]["measured"] and "| both | `max of lora + full` |" in findings
 
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     parent = summary["mlflow_parent_run_id"]

@@ -62,7 +62,7 @@ def experiments_table(study: Study, outcomes: dict[str, Outcome]) -> list[str]:
         m = o.metrics
         share = 100 * m["trainable_params"] / m["total_params"]
         lines.append(
-            f"| {name} | `{' '.join(study.experiments[name]) or '(base)'}` | {m['trainable_params']:,} ({share:.1f}%)"
+            f"| {name} | `{study.describe(name)}` | {m['trainable_params']:,} ({share:.1f}%)"
             f" | {m['train_seconds']:.0f} | {1000 * m['train_seconds'] / max(1, m['train_steps']):.0f}"
             f" | {m['train_peak_rss_mb']:.0f} | {m['exact_match']:.2f} | {m['f1']:.2f} |"
         )

@@ -9,9 +9,12 @@ from pathlib import Path
 
 import yaml
 
+from spanflow.models.ensemble import ENSEMBLE_RULES
+
 DEFAULT_STUDY = "studies/default.yaml"
 EXPECTATIONS = ("better", "equal", "lower")  # a's F1 above b's | within ±margin of it | a's figure <= ratio x b's
 RATIO_METRICS = ("train_peak_rss_mb", "train_seconds", "trainable_params")
+BEST_MEMBER = ".best_member"  # a claim's side `ENSEMBLE.best_member`: that ensemble's member with the higher dev F1
 NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -28,6 +31,12 @@ class Claim:
 
 
 @dataclass
+class Ensemble:
+    members: list[str]  # experiments whose final models answer together
+    rule: str = "max"  # max | mean of their start/end probabilities per chunk
+
+
+@dataclass
 class Study:
     name: str
     path: Path
@@ -37,10 +46,18 @@ class Study:
     claims: list[Claim] = field(default_factory=list)
     data_curve: list[str] = field(default_factory=list)  # experiments plotted as F1 against training questions
     last: list[str] = field(default_factory=list)  # --quick: over every experiment's own overrides
+    ensembles: dict[str, Ensemble] = field(default_factory=dict)  # answered after the experiments, nothing trained
 
     def overrides(self, name: str) -> list[str]:
         """base, the step budget, the experiment's own (which may change the budget), then --quick's."""
         return [*self.base, f"train.max_steps={self.steps}", *self.experiments[name], *self.last]
+
+    def describe(self, name: str) -> str:
+        """What an experiment or ensemble is, for the findings' tables."""
+        if name in self.ensembles:
+            e = self.ensembles[name]
+            return f"{e.rule} of {' + '.join(e.members)}"
+        return " ".join(self.experiments[name]) or "(base)"
 
 
 class StudyError(ValueError):
@@ -60,7 +77,7 @@ def load_study(path: str | Path, quick: bool = False) -> Study:
         raise StudyError(f"study file {path}: not found")
     raw = yaml.safe_load(path.read_text()) or {}
     where = str(path)
-    unknown = set(raw) - {"name", "steps", "base", "experiments", "claims", "data_curve", "quick"}
+    unknown = set(raw) - {"name", "steps", "base", "experiments", "ensembles", "claims", "data_curve", "quick"}
     if unknown:
         raise StudyError(f"{where}: unknown keys {sorted(unknown)}")
     experiments = raw.get("experiments") or {}
@@ -77,6 +94,8 @@ def load_study(path: str | Path, quick: bool = False) -> Study:
         last = [*_strings(q.get("set") or [], f"{where}: quick.set"), f"train.max_steps={steps}"]
     if not isinstance(steps, int) or steps < 1:
         raise StudyError(f"{where}: steps: {steps!r} must be a whole number >= 1")
+    ensembles = _ensembles(raw.get("ensembles") or {}, experiments, where)
+    sides = {*experiments, *ensembles, *(f"{n}{BEST_MEMBER}" for n in ensembles)}
     claims = []
     for i, c in enumerate(raw.get("claims") or []):
         try:
@@ -84,8 +103,8 @@ def load_study(path: str | Path, quick: bool = False) -> Study:
         except TypeError as exc:
             raise StudyError(f"{where}: claims[{i}]: {exc}") from None
         for side in (claim.a, claim.b):
-            if side not in experiments:
-                raise StudyError(f"{where}: claims[{i}] ({claim.claim!r}) names no experiment {side!r}")
+            if side not in sides:
+                raise StudyError(f"{where}: claims[{i}] ({claim.claim!r}) names no experiment or ensemble {side!r}")
         if claim.expect not in EXPECTATIONS:
             raise StudyError(f"{where}: claims[{i}].expect {claim.expect!r}: one of {', '.join(EXPECTATIONS)}")
         if claim.expect == "lower" and claim.metric not in RATIO_METRICS:
@@ -95,4 +114,28 @@ def load_study(path: str | Path, quick: bool = False) -> Study:
     missing = [n for n in curve if n not in experiments]
     if missing:
         raise StudyError(f"{where}: data_curve names no experiment {missing}")
-    return Study(str(raw.get("name") or path.stem), path, steps, base, experiments, claims, curve, last)
+    return Study(str(raw.get("name") or path.stem), path, steps, base, experiments, claims, curve, last, ensembles)
+
+
+def _ensembles(raw: object, experiments: dict[str, list[str]], where: str) -> dict[str, Ensemble]:
+    if not isinstance(raw, dict):
+        raise StudyError(f"{where}: ensembles: a mapping of name -> {{members: [...], rule: max|mean}}")
+    out = {}
+    for name, spec in raw.items():
+        at = f"{where}: ensembles.{name}"
+        if not NAME.match(str(name)) or name in experiments:
+            raise StudyError(f"{at}: a name of letters, digits, '_', '-' and '.' that no experiment has")
+        try:
+            ensemble = Ensemble(**(spec or {}))
+        except TypeError as exc:
+            raise StudyError(f"{at}: {exc}") from None
+        members = ensemble.members
+        if not isinstance(members, list) or len(set(members)) < 2 or len(set(members)) != len(members):
+            raise StudyError(f"{at}.members: two or more different experiments, got {members!r}")
+        missing = [m for m in members if m not in experiments]
+        if missing:
+            raise StudyError(f"{at}.members: no experiment {missing}")
+        if ensemble.rule not in ENSEMBLE_RULES:
+            raise StudyError(f"{at}.rule {ensemble.rule!r}: one of {', '.join(ENSEMBLE_RULES)}")
+        out[str(name)] = ensemble
+    return out
