@@ -255,12 +255,15 @@ def _lever_pad_max(cfg: Any) -> None:
     import spanflow.training.loop
     from spanflow.answering.inference import pad_batch
 
-    def padded(feats: Any, idx: list[int], pad_id: int, with_labels: bool) -> dict[str, Any]:
-        batch = pad_batch(feats, idx, pad_id, with_labels, cfg.train.pad_to_multiple_of)
+    def padded(
+        feats: Any, idx: list[int], pad_id: int, with_labels: bool, multiple_of: int = 1, token_types: bool = True
+    ) -> dict[str, Any]:
+        batch = pad_batch(feats, idx, pad_id, with_labels, multiple_of, token_types)
         extra = cfg.features.chunk_length - batch["input_ids"].shape[1]
         if extra > 0:
             for key, value in (("input_ids", pad_id), ("token_type_ids", 0), ("attention_mask", 0)):
-                batch[key] = torch.nn.functional.pad(batch[key], (0, extra), value=value)
+                if key in batch:  # a decoder's batch has no token_type_ids
+                    batch[key] = torch.nn.functional.pad(batch[key], (0, extra), value=value)
         return batch
 
     spanflow.training.loop.pad_batch = padded
