@@ -61,25 +61,37 @@ def experiment_overrides(cfg: Config, overrides: list[str], study: Study, name: 
     return [*overrides, *study.overrides(name), *tracking]
 
 
-def run_experiment(params: Path, overrides: list[str], study: Study, name: str, ws: Path) -> None:
+def experiment_settings(params: Path, overrides: list[str], study: Study, name: str) -> dict:
+    """What an experiment's result depends on: its overrides and the config they give with params.yaml and the
+    command's `overrides` (where it is tracked aside), so that a changed params.yaml reruns the experiments it
+    changes and only those."""
+    cfg = load_config(params, [*overrides, *study.overrides(name), "search.enabled=false"]).to_dict()
+    for section in ("tracking", "registry", "serving", "schedule"):
+        cfg.pop(section, None)
+    return json.loads(json.dumps({"overrides": study.overrides(name), "config": cfg}, default=str))
+
+
+def run_experiment(params: Path, overrides: list[str], study: Study, name: str, ws: Path, wanted: dict) -> None:
     """prepare -> featurize -> train -> evaluate in `ws`, in a process of its own (flows/experiment.py: its peak
-    memory is its own, not what earlier experiments left in this one); skipped when done with these overrides."""
+    memory is its own, not what earlier experiments left in this one); skipped when done with the `wanted`
+    settings."""
     done = ws / "experiment.json"
-    wanted = {"overrides": study.overrides(name)}
-    if done.is_file() and json.loads(done.read_text()) == wanted and (ws / METRICS_FILE).is_file():
+    marker = json.loads(done.read_text()) if done.is_file() else {}
+    if marker == {**wanted, "done": True} and (ws / METRICS_FILE).is_file():
         print(f"study {study.name}: {name} already done, skipped")
         return
-    print(f"study {study.name}: {name} ({' '.join(study.experiments[name]) or 'base'})")
+    print(f"study {study.name}: {name} ({study.describe(name)})")
     cmd = [sys.executable, "-m", "flows.experiment", "--params", str(params), *(f"--set={o}" for o in overrides)]
-    if (ws / MODEL / "checkpoints").is_dir():
-        cmd.append("--resume")  # cut short before: on from its last checkpoint
+    if marker == {**wanted, "done": False} and (ws / MODEL / "checkpoints").is_dir():
+        cmd.append("--resume")  # cut short before, with these settings: on from its last checkpoint
+    atomic_write_json(done, {**wanted, "done": False})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")]))}
     api = PREFECT_API_URL.value()
     if api:  # the experiment's flow run joins this one's server
         env["PREFECT_API_URL"] = api
     if subprocess.run(cmd, cwd=ws, env=env).returncode != 0:
         raise RuntimeError(f"study {study.name}: experiment {name} failed (its log is above); rerun to resume it")
-    atomic_write_json(done, wanted)
+    atomic_write_json(done, {**wanted, "done": True})
 
 
 def outcome(ws: Path, name: str) -> Outcome:
@@ -98,14 +110,20 @@ def question_f1(ws: Path, dev: Path, metrics: dict) -> np.ndarray:
 
 
 def ensemble_outcome(
-    root: Path, params: Path, overrides: list[str], study: Study, name: str, members: dict[str, Outcome]
+    root: Path,
+    params: Path,
+    overrides: list[str],
+    study: Study,
+    name: str,
+    members: dict[str, Outcome],
+    settings: dict[str, dict],
 ) -> Outcome:
     """The ensemble `name` of the study's trained experiments, answering the dev questions (with its first member's
     chunking and decoding) in a workspace of its own; skipped when done with the same members. Its costs are its
     members' together: the sum of their training time and parameters, the larger of their peak memories."""
     spec = study.ensembles[name]
     ws = root / RUNS / study.name / name
-    wanted = {"members": {m: study.overrides(m) for m in spec.members}, "rule": spec.rule}
+    wanted = {"members": {m: settings[m] for m in spec.members}, "rule": spec.rule}
     done = ws / "experiment.json"
     if not (done.is_file() and json.loads(done.read_text()) == wanted and (ws / METRICS_FILE).is_file()):
         print(f"study {study.name}: {name} ({study.describe(name)})")
@@ -147,14 +165,16 @@ def study_stage(
     with mlflow.start_run(experiment_id=setup_mlflow(cfg), run_name=f"study-{study.name}") as parent:
         mlflow.log_params({"study.name": study.name, "study.steps": study.steps, "study.file": str(study.path)})
         parent_id = parent.info.run_id
+    params_file, overrides = Path(params).resolve(), overrides or []
     outcomes: dict[str, Outcome] = {}
+    settings = {name: experiment_settings(params_file, overrides, study, name) for name in study.experiments}
     for name in study.experiments:
         ws = workspace(root, study, name)
-        extra = experiment_overrides(cfg, overrides or [], study, name, parent_id)
-        run_experiment(Path(params).resolve(), extra, study, name, ws)
+        extra = experiment_overrides(cfg, overrides, study, name, parent_id)
+        run_experiment(params_file, extra, study, name, ws, settings[name])
         outcomes[name] = outcome(ws, name)
     for name in study.ensembles:
-        outcomes[name] = ensemble_outcome(root, Path(params).resolve(), overrides or [], study, name, outcomes)
+        outcomes[name] = ensemble_outcome(root, params_file, overrides, study, name, outcomes, settings)
     sides = dict(outcomes)  # what a claim may name: experiments, ensembles, and each ensemble's best member
     for name, spec in study.ensembles.items():
         best = max(spec.members, key=lambda m: outcomes[m].metrics["f1"])

@@ -73,6 +73,19 @@ def test_a_study_file_is_checked_before_anything_runs(tmp_path: Path):
     ]
 
 
+def test_an_experiment_is_redone_when_its_config_changes_not_its_tracking(tmp_path: Path):
+    from tasks.study import experiment_settings
+
+    study = load_study(_write(tmp_path / "s.yaml", STUDY))
+    params = Path(__file__).resolve().parents[1] / "params.yaml"
+    lora = experiment_settings(params, [], study, "lora")
+    assert lora == experiment_settings(params, ["tracking.experiment=elsewhere"], study, "lora")
+    assert lora["config"]["method"]["name"] == "lora" and lora["overrides"] == study.overrides("lora")
+    assert experiment_settings(params, [], study, "full")["config"]["method"]["name"] == "full"
+    changed = experiment_settings(params, ["train.learning_rate=1e-3"], study, "lora")
+    assert changed != lora and changed["config"]["train"]["learning_rate"] == 1e-3
+
+
 def _outcome(name: str, f1: np.ndarray, **metrics: float) -> Outcome:
     return Outcome(name, {"f1": float(f1.mean()), **metrics}, f1, 100)
 
