@@ -263,12 +263,16 @@ def test_make_run_and_dvc_repro_are_one_path(project: Path, prefect_server: str,
     with an override it leaves dvc.lock alone, and DVC sees the difference."""
     import mlflow
 
+    (project / "studies").mkdir()
+    for name in ("dvc.yaml", "default.yaml"):  # the study's stage, which a pipeline run must not record as done
+        shutil.copy(REPO / "studies" / name, project / "studies" / name)
     _git_dvc_init(project)
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_API_URL": prefect_server}
     run = subprocess.run([str(BIN / "spanflow"), "run"], cwd=project, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "dvc.lock records this run" in run.stdout + run.stderr
-    assert _dvc(project, "status", env=env).strip().endswith("Data and pipelines are up to date.")
+    assert _dvc(project, "status", "dvc.yaml", env=env).strip().endswith("Data and pipelines are up to date.")
+    assert not (project / "studies/dvc.lock").exists() and "study" in _dvc(project, "status", env=env)
     again = _dvc(project, "repro", env=env)
     assert "Running stage" not in again, again
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()

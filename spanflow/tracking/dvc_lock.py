@@ -22,7 +22,8 @@ def record_run_in_dvc(params: str, overrides: list[str] | None) -> str:
             "(overrides, a profile or another file)"
         )
     dvc = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
-    proc = subprocess.run([dvc, "commit", "--force", "--quiet"], capture_output=True, text=True)
+    # dvc.yaml's stages only: studies/dvc.yaml's study did not run here and must not be recorded as done
+    proc = subprocess.run([dvc, "commit", "--force", "--quiet", "dvc.yaml"], capture_output=True, text=True)
     if proc.returncode != 0:
         return f"dvc.lock not updated: `dvc commit` failed: {(proc.stderr or proc.stdout).strip()[-500:]}"
     return "dvc.lock records this run: `dvc status` is up to date and `dvc repro` has nothing to redo"
