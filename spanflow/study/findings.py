@@ -73,9 +73,10 @@ def findings_markdown(study: Study, outcomes: dict[str, Outcome], findings: list
     lines = [
         f"# Study `{study.name}`: findings",
         "",
-        f"Made by `{command}`: every experiment trains {study.steps} optimizer steps on the same data and seed"
-        f" (`{' '.join(study.base)}`), then answers the same {len(next(iter(outcomes.values())).question_f1)} dev"
-        " questions. Intervals: paired bootstrap over those questions.",
+        f"Made by `{command}`: every experiment trains {study.steps} optimizer steps (unless its overrides set"
+        f" `train.max_steps`) on the same data and seed (`{' '.join(study.base)}`), then answers the same"
+        f" {len(next(iter(outcomes.values())).question_f1)} dev questions; an ensemble answers with the trained"
+        " experiments it names. Intervals: paired bootstrap over those questions.",
         "",
         "| claim | source | what was run | measured | verdict |",
         "| --- | --- | --- | --- | --- |",
