@@ -34,8 +34,7 @@ class DataConfig:
     dev_split: str = "validation"
     hub_config: str | None = None  # dataset config name for the Hub, if any
     val_fraction: float = 0.1  # share of training articles held out for validation
-    train_articles: int | None = None  # seeded sample of this many articles of `train`, before the split (None = all)
-    train_questions: int | None = 7100  # seeded sample of this many of their questions, before the split (None = all)
+    train_articles: int | None = 34  # seeded sample of this many articles of `train`, before the split (None = all)
     train_limit: int | None = None  # first N training questions (None = all)
     dev_limit: int | None = None  # first N dev questions (None = all)
     seed: int = 42
@@ -434,8 +433,6 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("train.early_stopping_patience: must be >= 1")
     if cfg.data.train_articles is not None and cfg.data.train_articles < 1:
         raise ConfigError(f"data.train_articles: {cfg.data.train_articles} must be >= 1 or null (all)")
-    if cfg.data.train_questions is not None and cfg.data.train_questions < 1:
-        raise ConfigError(f"data.train_questions: {cfg.data.train_questions} must be >= 1 or null (all)")
     if cfg.eval.tune_no_answer_threshold and cfg.train.include_validation:
         raise ConfigError(
             "eval.tune_no_answer_threshold: the threshold is tuned on the validation split, which"

@@ -21,7 +21,6 @@ from spanflow.data.squad import (
     ingest,
     limit_records,
     sample_articles,
-    sample_questions,
     split_by_article,
     validate,
     write_jsonl_atomic,
@@ -101,11 +100,10 @@ def abstain_pool(abstain: Dataset, dev: Dataset, cfg: DataConfig) -> list[Record
 def split_and_write(
     train: Dataset, dev: Dataset, cfg: DataConfig, info: dict, abstain: Dataset | None = None, out_dir: Path = PREPARED
 ) -> dict:
-    """Sample training articles, then questions among them, split them by article (all seeded) and write
-    train/val/dev records and version.json. The abstain articles, when given, are split by article the same way
-    and join both sides, so validation has unanswerable questions to tune the no-answer threshold on."""
-    articles = sample_articles(train.records, cfg.train_articles, cfg.seed)
-    pool = sample_questions(articles, cfg.train_questions, cfg.seed)
+    """Sample training articles, split them by article (both seeded) and write train/val/dev records and
+    version.json. The abstain articles, when given, are split by article the same way and join both sides, so
+    validation has unanswerable questions to tune the no-answer threshold on."""
+    pool = sample_articles(train.records, cfg.train_articles, cfg.seed)
     train_part, val_part = split_by_article(pool, cfg.val_fraction, cfg.seed)
     if not train_part:
         raise DataValidationError(train.source, f"data.val_fraction={cfg.val_fraction} leaves no training article")
@@ -114,7 +112,6 @@ def split_and_write(
         "val": len(val_part),
         "articles": {"train": _articles(train_part), "val": _articles(val_part)},
         "sampled_articles": cfg.train_articles,
-        "sampled_questions": cfg.train_questions,
         "seed": cfg.seed,
     }
     if abstain is not None:

@@ -23,7 +23,6 @@ from spanflow.data.squad import (
     load_squad_json,
     read_jsonl,
     sample_articles,
-    sample_questions,
     split_by_article,
     validate,
     write_jsonl_atomic,
@@ -193,33 +192,6 @@ def test_sample_articles_takes_whole_articles_seeded() -> None:
     assert sample_articles(records, None, seed=1) == records == sample_articles(records, 99, seed=1)
     with pytest.raises(ValueError, match=">= 1"):
         sample_articles(records, 0, seed=1)
-
-
-def test_sample_questions_draws_across_articles_seeded() -> None:
-    records = [record(f"{t}-{i}", t) for t in "abcdefghij" for i in range(3)]
-    sample = sample_questions(records, 10, seed=1)
-    assert len(sample) == 10 and sample == [r for r in records if r in sample]  # input order kept
-    assert len({r["title"] for r in sample}) > 4  # more articles than 10 questions as whole articles would reach
-    assert sample_questions(records, 10, seed=1) == sample != sample_questions(records, 10, seed=2)
-    assert sample_questions(records, None, seed=1) == records == sample_questions(records, 99, seed=1)
-    with pytest.raises(ValueError, match=">= 1"):
-        sample_questions(records, 0, seed=1)
-
-
-def test_split_samples_articles_then_questions_before_the_split(tmp_path: Path) -> None:
-    from spanflow.config import DataConfig
-    from tasks.prepare import Dataset, split_and_write
-
-    records = [record(f"{t}-{i}", t) for t in "abcdefghij" for i in range(6)]
-    train, dev = Dataset("train.json", records, "1.1"), Dataset("dev.json", records[:2], "1.1")
-    cfg = DataConfig(train_articles=8, train_questions=20, val_fraction=0.25)
-    info = split_and_write(train, dev, cfg, {}, out_dir=tmp_path)
-    parts = {name: read_jsonl(tmp_path / f"{name}.jsonl") for name in ("train", "val")}
-    both = parts["train"] + parts["val"]
-    assert len(both) == 20 and len({r["id"] for r in both}) == 20
-    assert {r["title"] for r in both} <= {r["title"] for r in sample_articles(records, 8, seed=cfg.seed)}
-    assert not {r["title"] for r in parts["train"]} & {r["title"] for r in parts["val"]}  # still split by article
-    assert info["split"]["sampled_questions"] == 20 and info["params"]["train_questions"] == 20
 
 
 def test_malformed_json_names_file_and_line(tmp_path: Path) -> None:

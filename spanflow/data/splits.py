@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import asdict
 from typing import Any
 
 from spanflow.config import Config, DataConfig
 from spanflow.data.features import Features, Record, load_features
-from spanflow.data.squad import read_jsonl, sample_questions
+from spanflow.data.squad import read_jsonl
 from spanflow.paths import FEATURES, PREPARED, VERSION_FILE
 
 NOT_DATA = ("leaderboard_dir",)  # read by the report only: the prepared records do not depend on it
@@ -70,6 +71,14 @@ def split_records(split: str, include_validation: bool) -> list[dict]:
 def load_split_features(cfg: Config, split: str) -> Features:
     """A split's chunks as the featurize stage saved them; refused when made with other params."""
     return load_features(FEATURES / f"{split}.pt", features_meta(cfg))
+
+
+def sample_questions(records: list[Record], n: int | None, seed: int) -> list[Record]:
+    """A seeded sample of n questions, in their original order (all of them when n is None)."""
+    if n is None or n >= len(records):
+        return records
+    keep = sorted(random.Random(seed).sample(range(len(records)), n))
+    return [records[i] for i in keep]
 
 
 def trial_train_records(cfg: Config) -> list[Record]:

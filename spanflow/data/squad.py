@@ -33,7 +33,6 @@ __all__ = [
     "load_squad_json",
     "read_jsonl",
     "sample_articles",
-    "sample_questions",
     "split_by_article",
     "validate",
     "write_jsonl_atomic",
@@ -415,19 +414,6 @@ def sample_articles(records: Sequence[Record], n: int | None, seed: int) -> list
         return list(records)
     keep = set(random.Random(seed).sample(titles, n))
     return [r for r in records if r["title"] in keep]
-
-
-def sample_questions(records: Sequence[Record], n: int | None, seed: int) -> list[Record]:
-    """A seeded sample of `n` questions, in input order; None (or n >= all) = all of them.
-
-    Drawn across every article given, so a budget of n questions reaches more contexts than the same
-    number taken as whole articles."""
-    if n is None or n >= len(records):
-        return list(records)
-    if n < 1:
-        raise ValueError(f"question sample must be >= 1 or None, got {n}")
-    keep = sorted(random.Random(seed).sample(range(len(records)), n))
-    return [records[i] for i in keep]
 
 
 def limit_records(records: Sequence[Record], limit: int | None) -> list[Record]:
