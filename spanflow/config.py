@@ -34,7 +34,7 @@ class DataConfig:
     dev_split: str = "validation"
     hub_config: str | None = None  # dataset config name for the Hub, if any
     val_fraction: float = 0.1  # share of training articles held out for validation
-    train_articles: int | None = 34  # seeded sample of this many articles of `train`, before the split (None = all)
+    train_articles: int | None = 44  # seeded sample of this many articles of `train`, before the split (None = all)
     train_limit: int | None = None  # first N training questions (None = all)
     dev_limit: int | None = None  # first N dev questions (None = all)
     seed: int = 42
@@ -217,7 +217,7 @@ class SearchSpaceConfig:
     """The grid: every combination is one point (invalid ones are skipped with a reason)."""
 
     chunk_length: list[int] = field(default_factory=lambda: [256, 192])
-    overlap: list[int] = field(default_factory=lambda: [64, 32])
+    overlap: list[int] = field(default_factory=lambda: [64])
     lora_rank: list[int] = field(default_factory=lambda: [16])
 
 
