@@ -107,6 +107,18 @@ def median_of_reps(reps: list[dict[str, Any]]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the load
 
 
+def _server_error(response: httpx.Response) -> str:
+    """What went wrong, from an error response: MLflow's message, then the exception its stack trace ends with
+    (the scoring server wraps any error in predict as "unexpected error while evaluating the model")."""
+    try:
+        body = response.json()
+        reason = body["message"][:120]
+        trace = body.get("stack_trace", "").strip().splitlines()
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return response.text[:120]
+    return f"{reason} ({trace[-1][:200]})" if trace else reason
+
+
 def _ask(client: httpx.Client, url: str, body: dict, context: str) -> tuple[float, str | None, str | None]:
     """One request: (seconds, error or None, answer text or None)."""
     t = time.perf_counter()
@@ -116,7 +128,7 @@ def _ask(client: httpx.Client, url: str, body: dict, context: str) -> tuple[floa
         return time.perf_counter() - t, f"{type(exc).__name__}", None
     seconds = time.perf_counter() - t
     if response.status_code != 200:
-        return seconds, f"HTTP {response.status_code}: {response.text[:120]}", None
+        return seconds, f"HTTP {response.status_code}: {_server_error(response)}", None
     try:
         (answer,) = response.json()["predictions"]
         ok = context[answer["start"] : answer["end"]] == answer["answer"]

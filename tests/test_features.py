@@ -9,6 +9,7 @@ gold answer survives featurization, including the non-ASCII articles.
 from __future__ import annotations
 
 import json
+import threading
 import time
 import unicodedata
 from collections import Counter
@@ -185,6 +186,29 @@ def test_answer_in_overlap_region_labelled_in_both_chunks(tok, numbered, case):
         "single token at overlap start": (a2, a2),
     }[case]
     check_answer(tok, numbered, first, last, {0, 1})
+
+
+def test_threads_sharing_a_tokenizer_get_the_features_one_thread_gets(tok):
+    """A serving process featurizes requests in several threads with one tokenizer, whose truncation settings are
+    shared state: without the lock, a thread could encode a long context unsplit (a 3,918-token chunk here)."""
+    filler = " ".join(f"Ledger entry {i} notes a shipment of grain to the northern harbour." for i in range(150))
+    recs = [record(filler + " The lighthouse was built by Brenna Holm. " + filler, "Brenna Holm")]
+    expected = {length: featurize(recs, tok, length, 64).input_ids for length in (256, 192)}
+    wrong: list[int] = []
+
+    def featurize_often(length: int) -> None:
+        for _ in range(20):
+            got = featurize(recs, tok, length, 64).input_ids
+            if got != expected[length]:
+                wrong.append(max(len(ids) for ids in got))
+
+    threads = [threading.Thread(target=featurize_often, args=(length,)) for length in (256, 192, 256, 192)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(len(ids) <= 256 for ids in expected[256]) and len(expected[256]) > 10
+    assert wrong == [], f"{len(wrong)} of 80 featurizations differed (longest chunk {max(wrong)} tokens)"
 
 
 def test_multi_piece_words_split_across_chunks(tok):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import httpx
 import numpy as np
 import pytest
 
-from benchmarks.load_test import against_first, median_of_reps, percentile, print_table, summarize
+from benchmarks.load_test import _server_error, against_first, median_of_reps, percentile, print_table, summarize
 
 
 @pytest.mark.parametrize("q", [0, 1, 25, 50, 90, 99, 100])
@@ -71,3 +72,18 @@ def test_the_table_shows_each_worker_count_against_the_first(capsys: pytest.Capt
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line[:7].strip() in ("1", "2")]
     assert rows[0][:3] == ["1", "2", "2.00"] and rows[0][-2:] == ["1.00", "1.00"]
     assert rows[1][:3] == ["2", "1", "3.00"] and rows[1][7:9] == ["1", "yes"] and rows[1][-2:] == ["1.50", "0.80"]
+
+
+def test_an_error_response_names_the_exception_behind_it() -> None:
+    """The scoring server answers an error in predict with MLflow's generic message and the stack trace: the load
+    test's error kind names the exception the trace ends with."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import BAD_REQUEST
+
+    trace = "Traceback (most recent call last):\n  File ...\nRuntimeError: The size of tensor a (3923) must match\n"
+    error = MlflowException("unexpected error while evaluating the model", error_code=BAD_REQUEST, stack_trace=trace)
+    kind = _server_error(httpx.Response(400, content=error.serialize_as_json()))
+    assert kind == "unexpected error while evaluating the model (RuntimeError: The size of tensor a (3923) must match)"
+    plain = MlflowException("batch of 4 rows is over serving.max_batch = 3", error_code=BAD_REQUEST)
+    assert _server_error(httpx.Response(400, content=plain.serialize_as_json())) == plain.message
+    assert _server_error(httpx.Response(504, text="Request processing time exceeded limit")).startswith("Request")

@@ -17,6 +17,7 @@ the right), so the tokenizer's padding side does not matter.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,11 @@ from transformers import PreTrainedTokenizerFast
 
 Record = dict[str, Any]
 Offset = tuple[int, int] | None
+
+# A fast tokenizer keeps its truncation settings in state that each call sets and then encodes with: two threads
+# tokenizing at once (a serving process answers requests in threads, all with one tokenizer) could encode with the
+# other's settings, e.g. a 4,000-token context as one unsplit chunk. Every tokenizer call here holds this lock.
+_TOKENIZER_LOCK = threading.Lock()
 
 
 @dataclass
@@ -57,7 +63,8 @@ class Features:
 
 def _truncate_question(question: str, tokenizer: PreTrainedTokenizerFast, max_tokens: int) -> str:
     question = question.lstrip()  # leading blanks would only waste tokens
-    enc = tokenizer(question, add_special_tokens=False, return_offsets_mapping=True)
+    with _TOKENIZER_LOCK:
+        enc = tokenizer(question, add_special_tokens=False, return_offsets_mapping=True)
     if len(enc["input_ids"]) <= max_tokens:
         return question
     return question[: enc["offset_mapping"][max_tokens - 1][1]]
@@ -87,16 +94,17 @@ def featurize(
     for lo in range(0, len(records), batch_size):
         batch = records[lo : lo + batch_size]
         questions = [_truncate_question(r["question"], tokenizer, max_query_length) for r in batch]
-        enc = tokenizer(
-            questions,
-            [r["context"] for r in batch],
-            truncation="only_second",
-            max_length=max_length,
-            stride=overlap,
-            return_overflowing_tokens=True,
-            return_offsets_mapping=True,
-            padding=False,
-        )
+        with _TOKENIZER_LOCK:
+            enc = tokenizer(
+                questions,
+                [r["context"] for r in batch],
+                truncation="only_second",
+                max_length=max_length,
+                stride=overlap,
+                return_overflowing_tokens=True,
+                return_offsets_mapping=True,
+                padding=False,
+            )
         for i, ids in enumerate(enc["input_ids"]):
             local = enc["overflow_to_sample_mapping"][i]
             record = batch[local]
