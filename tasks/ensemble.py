@@ -13,21 +13,21 @@ from mlflow import MlflowClient
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from spanflow.answering.bootstrap import paired_bootstrap
-from spanflow.answering.inference import default_device, load_qa_model, model_answerer, resolve_precision
+from spanflow.answering.bootstrap import paired_bootstrap, question_f1
+from spanflow.answering.inference import default_device, load_members, model_answerer, resolve_precision
 from spanflow.answering.spans import answer_texts
-from spanflow.answering.squad_metrics import per_question_scores, score
+from spanflow.answering.squad_metrics import score
 from spanflow.config import Config
 from spanflow.data.features import Record
 from spanflow.data.splits import check_prepared
 from spanflow.data.squad import read_jsonl
 from spanflow.io_utils import atomic_write_json
-from spanflow.models.ensemble import ENSEMBLE_RULES, EnsembleQAModel, check_shared_tokenizer
+from spanflow.models.ensemble import ENSEMBLE_RULES, EnsembleQAModel
 from spanflow.models.modeling import load_saved_tokenizer
 from spanflow.paths import PREPARED, RESULTS
+from spanflow.serving.registration import log_pyfunc
 from spanflow.tracking.registered_versions import registered_config, registered_files
 from spanflow.tracking.runs import git_commit, setup_mlflow
-from tasks.register import log_pyfunc
 
 ENSEMBLE_FILE = RESULTS / "ensemble.json"
 
@@ -51,10 +51,9 @@ def ensemble_stage(cfg: Config, versions: list[int], rule: str = "max", register
         if any(settings.get("ensemble_rule") for _, settings in members):
             raise ValueError("ensemble: a member is an ensemble itself; name its members instead")
         dirs = [model_dirs[0] for model_dirs, _ in members]
-        check_shared_tokenizer(dirs)
+        models = load_members(dirs, precision, device)
         own = registered_config(cfg, members[0][1])
         tokenizer = load_saved_tokenizer(dirs[0])
-        models = [load_qa_model(d, precision, device) for d in dirs]
         candidates = {f"v{v}": m for v, m in zip(versions, models, strict=True)}
         candidates |= {r: EnsembleQAModel(models, r) for r in ENSEMBLE_RULES}
         scores, f1s = {}, {}
@@ -112,9 +111,7 @@ def answer_and_score(
     answers = model_answerer(cfg, model, tokenizer, precision)(records)
     texts = answer_texts(answers, squad_version, cfg.eval.no_answer_threshold)
     predictions = {r["id"]: t for r, t in zip(records, texts, strict=True)}
-    per_question = per_question_scores(records, predictions, squad_version)
-    f1 = np.array([100 * per_question[r["id"]][1] for r in records])
-    return predictions, score(records, predictions, squad_version), f1
+    return predictions, score(records, predictions, squad_version), question_f1(records, predictions, squad_version)
 
 
 def _register(cfg: Config, run_id: str, dirs: list[Path], settings: dict, versions: list[int], rule: str) -> int:

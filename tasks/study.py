@@ -21,12 +21,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.settings import PREFECT_API_URL
 
-from spanflow.answering.inference import default_device, load_qa_model, resolve_precision
-from spanflow.answering.squad_metrics import per_question_scores
+from spanflow.answering.bootstrap import question_f1
+from spanflow.answering.inference import default_device, load_ensemble_model, resolve_precision
 from spanflow.config import Config, load_config
 from spanflow.data.squad import read_jsonl
 from spanflow.io_utils import atomic_write_json, atomic_write_text
-from spanflow.models.ensemble import EnsembleQAModel, check_shared_tokenizer
 from spanflow.models.modeling import load_saved_tokenizer
 from spanflow.paths import METRICS_FILE, MODEL, PREDICTIONS_FILE, PREPARED, RESULTS, TRAIN_SUMMARY_FILE
 from spanflow.study.findings import Outcome, data_curve_plot, findings_markdown, judge, pareto_plot
@@ -98,15 +97,13 @@ def outcome(ws: Path, name: str) -> Outcome:
     metrics = json.loads((ws / METRICS_FILE).read_text())
     metrics["train_steps"] = json.loads((ws / TRAIN_SUMMARY_FILE).read_text())["steps"]
     version = json.loads((ws / PREPARED / "version.json").read_text())
-    return Outcome(name, metrics, question_f1(ws, ws / PREPARED / "dev.jsonl", metrics), version["split"]["train"])
+    return Outcome(name, metrics, workspace_f1(ws, ws / PREPARED / "dev.jsonl", metrics), version["split"]["train"])
 
 
-def question_f1(ws: Path, dev: Path, metrics: dict) -> np.ndarray:
+def workspace_f1(ws: Path, dev: Path, metrics: dict) -> np.ndarray:
     """The F1 (0-100) of every question in `dev` by the predictions in workspace `ws`, in dev order."""
     predictions = json.loads((ws / PREDICTIONS_FILE).read_text())
-    records = read_jsonl(dev)
-    per_q = per_question_scores(records, predictions, metrics["squad_version"])
-    return np.array([100 * per_q[r["id"]][1] for r in records])
+    return question_f1(read_jsonl(dev), predictions, metrics["squad_version"])
 
 
 def ensemble_outcome(
@@ -132,8 +129,7 @@ def ensemble_outcome(
         device = default_device()
         precision = resolve_precision(own.train.precision, device)
         dirs = [root / RUNS / study.name / m / MODEL / "hf" for m in spec.members]
-        check_shared_tokenizer(dirs)
-        model = EnsembleQAModel([load_qa_model(d, precision, device) for d in dirs], spec.rule)
+        model = load_ensemble_model(dirs, spec.rule, precision, device)
         records = read_jsonl(first / PREPARED / "dev.jsonl")
         version = members[spec.members[0]].metrics["squad_version"]
         tokenizer = load_saved_tokenizer(dirs[0])
@@ -153,7 +149,7 @@ def ensemble_outcome(
         atomic_write_json(ws / METRICS_FILE, metrics)
         atomic_write_json(done, wanted)
     metrics = json.loads((ws / METRICS_FILE).read_text())
-    f1 = question_f1(ws, root / RUNS / study.name / spec.members[0] / PREPARED / "dev.jsonl", metrics)
+    f1 = workspace_f1(ws, root / RUNS / study.name / spec.members[0] / PREPARED / "dev.jsonl", metrics)
     return Outcome(name, metrics, f1, max(members[m].train_questions for m in spec.members))
 
 

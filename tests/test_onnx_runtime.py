@@ -138,7 +138,7 @@ def test_served_model_answers_through_onnx_runtime_as_through_torch(tiny: tuple[
     from mlflow.pyfunc import PythonModelContext
 
     from spanflow.serving.qa_pyfunc import SpanQAModel
-    from tasks.register import serving_requirements, serving_settings
+    from spanflow.serving.registration import serving_requirements, serving_settings
 
     model_dir, onnx_file = tiny
     filler = " ".join(f"Entry {i} records a cargo of salt bound for the southern port." for i in range(30))

@@ -369,7 +369,7 @@ def test_registered_span_scoring_decides_the_served_answers(project: Path, tmp_p
 
 
 def test_requirements_are_pinned_without_local_version_labels():
-    from tasks.register import SERVING_REQUIREMENTS, pinned_requirement, serving_requirements
+    from spanflow.serving.registration import SERVING_REQUIREMENTS, pinned_requirement, serving_requirements
 
     assert pinned_requirement("torch", "2.13.0+cpu") == "torch==2.13.0"
     assert pinned_requirement("torch", "2.4.1+cu121") == "torch==2.4.1"
@@ -413,7 +413,7 @@ def test_served_score_is_a_probability_however_often_the_context_repeats(tmp_pat
 
     from spanflow.answering.inference import answer_questions, load_qa_model
     from spanflow.serving.qa_pyfunc import SpanQAModel, request_records
-    from tasks.register import serving_settings
+    from spanflow.serving.registration import serving_settings
     from tests.helpers import tiny_config
 
     plain = make_tiny_model_dir(tmp_path / "tiny")
@@ -456,7 +456,7 @@ def test_a_squad2_version_abstains_by_its_threshold(tmp_path: Path):
     from mlflow.pyfunc import PythonModelContext
 
     from spanflow.serving.qa_pyfunc import SpanQAModel
-    from tasks.register import serving_settings
+    from spanflow.serving.registration import serving_settings
     from tests.helpers import tiny_config
 
     model_dir = make_tiny_model_dir(tmp_path / "tiny")

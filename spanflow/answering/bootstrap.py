@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from spanflow.answering.squad_metrics import per_question_scores
 
 _CHUNK = 256  # resamples drawn at once: bounds memory at 256 x n indices
 
@@ -22,6 +25,12 @@ class BootstrapResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def question_f1(records: Sequence[dict], predictions: Mapping[str, str], version: str) -> np.ndarray:
+    """Every question's F1 (0-100) by the official scoring, in the order of `records`: what the bootstrap resamples."""
+    per_question = per_question_scores(records, predictions, version)
+    return np.array([100 * per_question[r["id"]][1] for r in records])
 
 
 def paired_bootstrap(

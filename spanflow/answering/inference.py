@@ -76,13 +76,18 @@ def load_answering_model(
     return OnnxQAModel(Path(onnx_file), threads), "fp32"
 
 
+def load_members(model_dirs: list[str | Path], precision: str, device: torch.device) -> list[torch.nn.Module]:
+    """Saved QA models meant to answer together: checked to share one tokenizer, then each loaded to answer."""
+    dirs = [Path(d) for d in model_dirs]
+    check_shared_tokenizer(dirs)
+    return [load_qa_model(d, precision, device) for d in dirs]
+
+
 def load_ensemble_model(
     model_dirs: list[str | Path], rule: str, precision: str, device: torch.device
 ) -> EnsembleQAModel:
     """Saved QA models answering as one by `rule` (max | mean of their probabilities); torch only."""
-    dirs = [Path(d) for d in model_dirs]
-    check_shared_tokenizer(dirs)
-    return EnsembleQAModel([load_qa_model(d, precision, device) for d in dirs], rule)
+    return EnsembleQAModel(load_members(model_dirs, precision, device), rule)
 
 
 def default_device() -> torch.device:
