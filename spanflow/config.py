@@ -239,7 +239,7 @@ class PrunerConfig:
     """Multi-fidelity pruning over training steps: trials are scored at rungs of min_steps x factor^k steps."""
 
     name: str = "successive_halving"  # successive_halving | hyperband | median | none
-    min_steps: int = 50  # the first rung: steps every trial runs before it can be pruned
+    min_steps: int = 75  # the first rung: steps every trial runs before it can be pruned
     reduction_factor: int = 2  # successive halving / hyperband: 1/factor of a rung's trials go on
     startup_trials: int = 2  # median: finished trials before any pruning
 
